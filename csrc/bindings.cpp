@@ -1,0 +1,21 @@
+// The one place where collab_ops' operator schemas are declared. Backends implement them with
+// TORCH_LIBRARY_IMPL in csrc/cpu and csrc/cuda; Python registers fake kernels for torch.compile.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(collab_ops, m) {
+  m.def(
+      "fuse_logits(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
+      "float? plausibility_alpha, int plausibility_ref, int vocab_size, bool output_logprobs) -> Tensor");
+}
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "collab_ops compiled kernels; the operators live in torch.ops.collab_ops";
+  module.def("compiled_with_cuda", []() {
+#ifdef COLLAB_OPS_WITH_CUDA
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,116 @@
+// Torch-free description of one fuse_logits call, shared by the CPU and CUDA kernels.
+//
+// Score of token x in row b:  s(x) = sum_k w[b,k] * (l_k(x) / T_k - c_k)
+// with c_k = logsumexp(l_k / T_k) when normalising and 0 otherwise. For log-prob output the c_k
+// are a per-row constant that log_softmax removes, so they are only computed for logits output.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/scalar.h"
+
+namespace collab_ops {
+
+constexpr int kMaxFusedModels = 8;
+
+struct FusionParams {
+  const void* logits[kMaxFusedModels];
+  ScalarKind kind[kMaxFusedModels];
+  int64_t row_stride[kMaxFusedModels];  // in elements; columns are contiguous
+  float inv_temperature[kMaxFusedModels];
+  const float* weights;  // [batch, num_models] fp32, any strides (stride 0 broadcasts a row)
+  int64_t weight_row_stride;
+  int64_t weight_col_stride;
+  int32_t num_models;
+  int64_t batch;
+  int64_t vocab;  // columns read from every input and written to the output
+  bool normalize;
+  bool output_logprobs;
+  bool use_plausibility;
+  float log_plausibility_alpha;  // mask tokens with log p_ref(x) < log(alpha) + max log p_ref
+  int32_t plausibility_ref;
+  float* out;  // [batch, vocab] fp32, contiguous rows of out_row_stride
+  int64_t out_row_stride;
+};
+
+COLLAB_HD float fusion_weight(const FusionParams& p, int64_t row, int k) {
+  return p.weights[row * p.weight_row_stride + k * p.weight_col_stride];
+}
+
+COLLAB_HD float scaled_logit(const FusionParams& p, int k, int64_t row, int64_t col) {
+  return load_as_float(p.logits[k], p.kind[k], row * p.row_stride[k] + col) * p.inv_temperature[k];
+}
+
+// Whether model k's per-row maximum (and log-sum-exp) must be computed before the score pass.
+COLLAB_HD bool needs_row_max(const FusionParams& p, int k) {
+  return (p.use_plausibility && k == p.plausibility_ref) || (p.normalize && !p.output_logprobs);
+}
+COLLAB_HD bool needs_row_lse(const FusionParams& p) { return p.normalize && !p.output_logprobs; }
+
+// The fused score of one token given the per-row constants; -inf when a model with non-zero
+// weight excludes it (a product with -inf would otherwise flip sign for negative weights).
+COLLAB_HD float fused_score(const FusionParams& p, int64_t row, int64_t col, const float* row_weight,
+                            const float* row_offset, float plausibility_cut) {
+  const float neg_inf = -INFINITY;
+  if (p.use_plausibility && scaled_logit(p, p.plausibility_ref, row, col) < plausibility_cut) return neg_inf;
+  float score = 0.f;
+  for (int k = 0; k < p.num_models; ++k) {
+    const float w = row_weight[k];
+    if (w == 0.f) continue;
+    const float z = scaled_logit(p, k, row, col);
+    if (z == neg_inf) return neg_inf;
+    score += w * (z - row_offset[k]);
+  }
+  return score;
+}
+
+// Online log-sum-exp state: value = max + log(sum). NaN inputs poison it so that a NaN row
+// stays NaN, as torch.log_softmax does.
+struct OnlineLse {
+  float max;
+  float sum;
+  bool has_nan;
+};
+
+COLLAB_HD OnlineLse online_lse_init() { return OnlineLse{-INFINITY, 0.f, false}; }
+
+COLLAB_HD void online_lse_add(OnlineLse& state, float x) {
+  if (x != x) {
+    state.has_nan = true;
+    return;
+  }
+  if (x == -INFINITY) return;
+  if (x > state.max) {
+    state.sum = state.sum * expf(state.max - x) + 1.f;
+    state.max = x;
+  } else {
+    state.sum += expf(x - state.max);
+  }
+}
+
+COLLAB_HD OnlineLse online_lse_merge(OnlineLse a, OnlineLse b) {
+  OnlineLse merged;
+  merged.has_nan = a.has_nan || b.has_nan;
+  if (a.max == -INFINITY) {
+    merged.max = b.max;
+    merged.sum = b.sum;
+  } else if (b.max == -INFINITY) {
+    merged.max = a.max;
+    merged.sum = a.sum;
+  } else if (a.max >= b.max) {
+    merged.max = a.max;
+    merged.sum = a.sum + b.sum * expf(b.max - a.max);
+  } else {
+    merged.max = b.max;
+    merged.sum = b.sum + a.sum * expf(a.max - b.max);
+  }
+  return merged;
+}
+
+COLLAB_HD float online_lse_value(const OnlineLse& state) {
+  if (state.has_nan) return NAN;
+  if (state.max == -INFINITY || state.max == INFINITY) return state.max;
+  return state.max + logf(state.sum);
+}
+
+}  // namespace collab_ops

@@ -1,0 +1,53 @@
+// Torch-free element types shared by the CPU and CUDA kernels.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define COLLAB_HD __host__ __device__ __forceinline__
+#else
+#define COLLAB_HD inline
+#endif
+
+namespace collab_ops {
+
+// The dtypes a logits input may have; inputs of one call may mix them.
+enum class ScalarKind : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+COLLAB_HD float bits_to_float(uint32_t bits) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(bits);
+#else
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+#endif
+}
+
+COLLAB_HD float bfloat16_to_float(uint16_t bits) { return bits_to_float(static_cast<uint32_t>(bits) << 16); }
+
+// IEEE binary16 to binary32, exact for every input (subnormals, inf, NaN).
+COLLAB_HD float float16_to_float(uint16_t half) {
+  const uint32_t sign = static_cast<uint32_t>(half & 0x8000u) << 16;
+  const uint32_t exponent = (half >> 10) & 0x1fu;
+  uint32_t mantissa = half & 0x3ffu;
+  if (exponent == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent != 0) return bits_to_float(sign | ((exponent + 112u) << 23) | (mantissa << 13));
+  if (mantissa == 0) return bits_to_float(sign);
+  // Subnormal half: value = mantissa * 2^-24, exactly representable in float.
+  const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-08f;
+  return sign ? -magnitude : magnitude;
+}
+
+COLLAB_HD float load_as_float(const void* base, ScalarKind kind, int64_t index) {
+  switch (kind) {
+    case ScalarKind::kBFloat16:
+      return bfloat16_to_float(static_cast<const uint16_t*>(base)[index]);
+    case ScalarKind::kFloat16:
+      return float16_to_float(static_cast<const uint16_t*>(base)[index]);
+    default:
+      return static_cast<const float*>(base)[index];
+  }
+}
+
+}  // namespace collab_ops

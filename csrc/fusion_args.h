@@ -1,0 +1,89 @@
+// Builds the torch-free FusionParams of one fuse_logits call from its tensors, with the checks
+// that guard the kernels when torch.ops.collab_ops.fuse_logits is called directly.
+#pragma once
+#include <torch/types.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "common/fusion.h"
+
+namespace collab_ops {
+
+inline ScalarKind scalar_kind(const at::Tensor& t, int64_t index) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return ScalarKind::kFloat32;
+    case at::kBFloat16:
+      return ScalarKind::kBFloat16;
+    case at::kHalf:
+      return ScalarKind::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "logits[", index, "] must be float32, bfloat16 or float16, got ", t.scalar_type());
+  }
+}
+
+// Fills everything but the output pointer; `columns_contiguous` holds the inputs that were copied
+// because their last dimension was strided, so they outlive the launch.
+inline FusionParams make_fusion_params(const std::vector<at::Tensor>& logits, const at::Tensor& weights,
+                                       const std::vector<double>& temperatures, bool normalize,
+                                       std::optional<double> plausibility_alpha, int64_t plausibility_ref,
+                                       int64_t vocab_size, bool output_logprobs,
+                                       std::vector<at::Tensor>& columns_contiguous) {
+  const int64_t num_models = static_cast<int64_t>(logits.size());
+  TORCH_CHECK_VALUE(num_models >= 1 && num_models <= kMaxFusedModels, "logits must hold 1 to ", kMaxFusedModels,
+                    " tensors, got ", num_models);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(temperatures.size()) == num_models, "temperatures must have ", num_models,
+                    " entries, got ", temperatures.size());
+  const at::Tensor& first = logits[0];
+  TORCH_CHECK_VALUE(first.dim() == 2, "logits[0] must be 2-D [batch, vocab]");
+  const int64_t batch = first.size(0);
+  TORCH_CHECK_VALUE(vocab_size >= 1, "vocab_size must be >= 1, got ", vocab_size);
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat, "weights must be float32");
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == batch && weights.size(1) == num_models,
+                    "weights must have shape [", batch, ", ", num_models, "], got ", weights.sizes());
+  TORCH_CHECK_VALUE(weights.device() == first.device(), "weights must be on ", first.device());
+
+  FusionParams p{};
+  p.num_models = static_cast<int32_t>(num_models);
+  p.batch = batch;
+  p.vocab = vocab_size;
+  columns_contiguous.clear();
+  for (int64_t k = 0; k < num_models; ++k) {
+    const at::Tensor& t = logits[k];
+    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == batch, "logits[", k, "] must have shape [", batch,
+                      ", V], got ", t.sizes());
+    TORCH_CHECK_VALUE(t.size(1) >= vocab_size, "logits[", k, "] has ", t.size(1), " columns, fewer than vocab_size=",
+                      vocab_size);
+    TORCH_CHECK_VALUE(t.device() == first.device(), "logits[", k, "] is on ", t.device(), " but logits[0] is on ",
+                      first.device());
+    TORCH_CHECK_VALUE(temperatures[k] > 0, "temperatures[", k, "] must be > 0, got ", temperatures[k]);
+    at::Tensor rows = t;
+    if (t.size(1) > 1 && t.stride(1) != 1) {
+      rows = t.contiguous();
+      columns_contiguous.push_back(rows);
+    }
+    p.logits[k] = rows.data_ptr();
+    p.kind[k] = scalar_kind(rows, k);
+    p.row_stride[k] = rows.stride(0);
+    p.inv_temperature[k] = static_cast<float>(1.0 / temperatures[k]);
+  }
+  p.weights = weights.data_ptr<float>();
+  p.weight_row_stride = weights.stride(0);
+  p.weight_col_stride = weights.stride(1);
+  p.normalize = normalize;
+  p.output_logprobs = output_logprobs;
+  p.use_plausibility = plausibility_alpha.has_value();
+  if (p.use_plausibility) {
+    const double alpha = *plausibility_alpha;
+    TORCH_CHECK_VALUE(alpha > 0 && alpha <= 1, "plausibility_alpha must lie in (0, 1], got ", alpha);
+    TORCH_CHECK_VALUE(plausibility_ref >= 0 && plausibility_ref < num_models, "plausibility_ref must index a model, got ",
+                      plausibility_ref);
+    p.log_plausibility_alpha = static_cast<float>(std::log(alpha));
+    p.plausibility_ref = static_cast<int32_t>(plausibility_ref);
+  }
+  return p;
+}
+
+}  // namespace collab_ops
