@@ -78,11 +78,12 @@ inline void fuse_logits_row(const FusionParams& p, int64_t row) {
     if (!used || !needs_row_max(p, k)) continue;
     const OnlineLse stats = model_row_stats(p, k, row, model_tile[k]);
     if (needs_row_lse(p)) offset[k] = online_lse_value(stats);
-    if (p.use_plausibility && k == p.plausibility_ref) plausibility_cut = stats.max + p.log_plausibility_alpha;
+    if (p.use_plausibility && k == p.plausibility_ref) plausibility_cut = plausibility_cut_from_max(p, stats.max);
   }
 
   float* out = p.out + row * p.out_row_stride;
   OnlineLse out_state = online_lse_init();
+  bool saw_nan = false;
   for (int64_t col = 0; col < p.vocab; col += kFusionTile) {
     const int64_t count = std::min(kFusionTile, p.vocab - col);
     for (int64_t i = 0; i < count; ++i) score[i] = 0.f;
@@ -92,7 +93,8 @@ inline void fuse_logits_row(const FusionParams& p, int64_t row) {
       const float w = weight[k], c = offset[k];
       const float* z = model_tile[k];
       for (int64_t i = 0; i < count; ++i) {
-        // -inf excludes the token whatever the sign of w; a NaN must survive (NaN == -inf is false).
+        saw_nan |= std::isnan(z[i]);
+        // -inf excludes the token whatever the sign of w.
         score[i] = (z[i] == -INFINITY || score[i] == -INFINITY) ? -INFINITY : score[i] + w * (z[i] - c);
       }
     }
@@ -100,11 +102,18 @@ inline void fuse_logits_row(const FusionParams& p, int64_t row) {
       const int r = p.plausibility_ref;
       if (weight[r] == 0.f) load_model_tile(p, r, row, col, count, model_tile[r]);
       const float* z = model_tile[r];
-      for (int64_t i = 0; i < count; ++i)
+      for (int64_t i = 0; i < count; ++i) {
+        saw_nan |= std::isnan(z[i]);
         if (z[i] < plausibility_cut) score[i] = -INFINITY;
+      }
     }
     for (int64_t i = 0; i < count; ++i) out[col + i] = score[i];
     if (p.output_logprobs) out_state = online_lse_merge(out_state, tile_lse(score, count));
+  }
+  // A NaN in any model that takes part makes the whole row NaN, as log_softmax over it would.
+  if (saw_nan) {
+    for (int64_t col = 0; col < p.vocab; ++col) out[col] = NAN;
+    return;
   }
   if (!p.output_logprobs) return;
   const float lse = online_lse_value(out_state);

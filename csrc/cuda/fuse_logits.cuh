@@ -46,17 +46,22 @@ __global__ void __launch_bounds__(kThreads) fuse_logits_kernel(FusionParams p) {
     const OnlineLse stats = block_merge_lse<kThreads>(local);
     if (threadIdx.x == 0) {
       if (needs_row_lse(p)) offset[k] = online_lse_value(stats);
-      if (p.use_plausibility && k == p.plausibility_ref) plausibility_cut = stats.max + p.log_plausibility_alpha;
+      if (p.use_plausibility && k == p.plausibility_ref) plausibility_cut = plausibility_cut_from_max(p, stats.max);
     }
     __syncthreads();
   }
 
   float* out = p.out + row * p.out_row_stride;
   OnlineLse local = online_lse_init();
+  bool saw_nan = false;
   for (int64_t col = threadIdx.x; col < p.vocab; col += kThreads) {
-    const float score = fused_score(p, row, col, weight, offset, plausibility_cut);
+    const float score = fused_score(p, row, col, weight, offset, plausibility_cut, saw_nan);
     out[col] = score;
     online_lse_add(local, score);
+  }
+  if (__syncthreads_or(saw_nan)) {
+    for (int64_t col = threadIdx.x; col < p.vocab; col += kThreads) out[col] = NAN;
+    return;
   }
   if (!p.output_logprobs) return;
   const float lse = online_lse_value(block_merge_lse<kThreads>(local));

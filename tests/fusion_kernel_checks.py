@@ -1,0 +1,64 @@
+"""Kernel-vs-reference checks of fuse_logits, shared by the CPU tests and tests/gpu.
+
+Each case builds fresh random inputs on a device; the kernel's answer is compared with the
+float64 reference under the tolerance rule of tests/tolerance.py.
+"""
+import itertools
+
+import torch
+
+from collab_ops.ops.fusion import fuse_logits
+from tolerance import assert_close_to_reference
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def random_logits(batch, width, dtype, device, *, generator, layout="contiguous", neg_inf_fraction=0.0):
+    """Logits with the spread of a real LM head, in one of three memory layouts."""
+    values = torch.randn(batch, width, generator=generator, dtype=torch.float64) * 3.0
+    if neg_inf_fraction:
+        values[torch.rand(batch, width, generator=generator, dtype=torch.float64) < neg_inf_fraction] = float("-inf")
+    values = values.to(device=device, dtype=dtype)
+    if layout == "row_strided":  # every other row of a larger tensor
+        padded = torch.empty(2 * batch, width, dtype=dtype, device=device)
+        padded[::2] = values
+        return padded[::2]
+    if layout == "column_strided":  # a transposed buffer: last-dimension stride != 1
+        return values.t().contiguous().t()
+    return values
+
+
+def fusion_cases():
+    """(batch, widths, dtypes, layout, options) combinations covering the DESIGN.md test matrix."""
+    yield 3, [7], [torch.float32], "contiguous", dict()
+    yield 2, [1, 1], [torch.bfloat16, torch.float32], "contiguous", dict(output="logits")
+    for dtype, output, normalize in itertools.product(DTYPES, ("logprobs", "logits"), (True, False)):
+        yield 3, [257, 263, 257], [dtype] * 3, "contiguous", dict(output=output, normalize=normalize)
+    yield 2, [151936, 152064, 152064], list(DTYPES), "contiguous", dict(vocab_size=151936)
+    yield 4, [32000, 32000], [torch.bfloat16, torch.float16], "row_strided", dict(temperatures=[0.7, 1.3])
+    yield 3, [1000, 1000], [torch.float32, torch.bfloat16], "column_strided", dict(output="logits", temperatures=[1.0, 0.5])
+    yield 5, [513, 520], [torch.float32, torch.float32], "contiguous", dict(plausibility_alpha=0.1, neg_inf=0.3)
+    yield 3, [97] * 8, [torch.bfloat16] * 8, "contiguous", dict(plausibility_alpha=0.5, plausibility_ref=2, output="logits")
+    yield 4, [300, 300, 300], [torch.float16] * 3, "contiguous", dict(per_row_weights=True, neg_inf=0.2)
+
+
+def check_fusion_case(backend, device, case, seed):
+    batch, widths, dtypes, layout, options = case
+    options = dict(options)
+    generator = torch.Generator().manual_seed(seed)
+    neg_inf = options.pop("neg_inf", 0.0)
+    logits = [
+        random_logits(batch, w, d, device, generator=generator, layout=layout, neg_inf_fraction=neg_inf)
+        for w, d in zip(widths, dtypes)
+    ]
+    num_models = len(logits)
+    if options.pop("per_row_weights", False):
+        weights = torch.randn(batch, num_models, generator=generator).to(device)
+        weights[0, 1] = 0.0  # a zero weight must ignore that model's -inf entries
+    else:
+        weights = [1.0] + [(-0.5) ** k for k in range(1, num_models)]
+    result = fuse_logits(logits, weights, backend=backend, **options)
+    exact = fuse_logits([t.double() for t in logits], weights.double() if torch.is_tensor(weights) else weights, backend="reference", **options)
+    working = fuse_logits(logits, weights, backend="reference", **options)
+    assert result.dtype == torch.float32 and result.device.type == torch.device(device).type
+    assert_close_to_reference(result, exact, working, what=f"fuse_logits[{backend}] {widths} {dtypes} {layout} {options}")

@@ -1,0 +1,23 @@
+"""CUDA fusion kernels against the float64 reference (skipped without a CUDA device)."""
+import pytest
+import torch
+
+import collab_ops
+from fusion_kernel_checks import check_fusion_case, fusion_cases
+
+CASES = list(fusion_cases())
+
+
+def test_cuda_backend_is_available_on_a_gpu_machine():
+    assert collab_ops.backend_status()["cuda"] == "available"
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_fuse_logits_cuda_matches_reference(index):
+    check_fusion_case("cuda", "cuda", CASES[index], seed=2000 + index)
+
+
+def test_fuse_logits_default_dispatch_picks_cuda():
+    logits = [torch.randn(2, 11, device="cuda")]
+    impl = collab_ops._dispatch.dispatch("fuse_logits", logits[0].device)
+    assert impl.backend == "cuda"

@@ -1,0 +1,22 @@
+"""Compiled and Triton fusion kernels on the CPU against the float64 reference."""
+import pytest
+
+import collab_ops
+from collab_ops import _dispatch
+from fusion_kernel_checks import check_fusion_case, fusion_cases
+
+CASES = list(fusion_cases())
+CPU_BACKENDS = [
+    b for b in ("cpu",) if b in collab_ops.available_backends() and b in _dispatch.registered_backends("fuse_logits")
+]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_fuse_logits_kernel_matches_reference(backend, index):
+    check_fusion_case(backend, "cpu", CASES[index], seed=1000 + index)
+
+
+def test_a_cpu_fusion_kernel_is_tested_when_the_extension_is_built():
+    if "cpu" in collab_ops.available_backends():
+        assert CPU_BACKENDS == ["cpu"]
