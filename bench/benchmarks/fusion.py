@@ -1,0 +1,116 @@
+"""Logit fusion: a proxy-tuning decoding step, fuse_logits, and dynamic fusion weights.
+
+The eager baselines are what a user writes without collab_ops: one log_softmax per model, the
+weighted sum, then softmax + multinomial (or log_softmax), each step a full pass over [B, V].
+"""
+from __future__ import annotations
+
+import torch
+
+from bench.harness import Case, benchmark, public_op_call
+
+QWEN25_VOCAB = 152064  # Qwen2.5-7B's padded vocabulary
+QUICK_VOCAB = 32000
+# Proxy-tuning with K=3 models: base_large + (tuned_small - base_small).
+PROXY_TUNING_WEIGHTS = (1.0, 1.0, -1.0)
+DYNAMIC_FUSION_GRID = tuple(round(0.1 * step, 1) for step in range(21))  # DESIGN.md's default 0..2
+
+
+def model_logits(count: int, batch: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int) -> list:
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return [
+        (3 * torch.randn(batch, vocab, generator=generator, device=device)).to(dtype) for _ in range(count)
+    ]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def eager_fused_score(logits: list, weights: tuple) -> torch.Tensor:
+    return sum(w * torch.log_softmax(l.float(), dim=-1) for w, l in zip(weights, logits))
+
+
+def eager_proxy_tuning_step(logits: list, weights: tuple) -> torch.Tensor:
+    probs = torch.softmax(eager_fused_score(logits, weights), dim=-1)
+    return torch.multinomial(probs, 1).squeeze(1)
+
+
+def eager_fuse_logits(logits: list, weights: tuple) -> torch.Tensor:
+    return torch.log_softmax(eager_fused_score(logits, weights), dim=-1)
+
+
+def eager_dynamic_fusion_weights(large: torch.Tensor, expert: torch.Tensor, base: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """Dynamic logits fusion (Fan et al. 2024) for one expert: one full pass over [B, V] per candidate."""
+    log_p = torch.log_softmax(large.float(), dim=-1)
+    log_q = torch.log_softmax(base.float(), dim=-1)
+    log_q_expert = torch.log_softmax(expert.float(), dim=-1)
+    kl_expert_base = (log_q_expert.exp() * (log_q_expert - log_q)).sum(-1)
+    kl_base_expert = (log_q.exp() * (log_q - log_q_expert)).sum(-1)
+    shift = expert.float() - base.float()
+    objectives = []
+    for alpha in grid:
+        log_p_fused = torch.log_softmax(large.float() + alpha * shift, dim=-1)
+        kl_fused_large = (log_p_fused.exp() * (log_p_fused - log_p)).sum(-1)
+        kl_large_fused = (log_p.exp() * (log_p - log_p_fused)).sum(-1)
+        objectives.append((kl_fused_large - kl_expert_base) ** 2 + (kl_large_fused - kl_base_expert) ** 2)
+    best = torch.stack(objectives, dim=-1).argmin(dim=-1)
+    return torch.tensor(grid, device=large.device)[best].unsqueeze(-1)
+
+
+_PROXY_SHAPES = dict(
+    cuda=[dict(B=b, K=3, V=QWEN25_VOCAB) for b in (1, 16, 128)],
+    cpu=[dict(B=b, K=3, V=QWEN25_VOCAB) for b in (1, 4, 16, 64)],
+    quick=[dict(B=b, K=3, V=QUICK_VOCAB) for b in (1, 8)],
+)
+
+
+@benchmark("fusion.proxy_tuning_sample", **_PROXY_SHAPES)
+def proxy_tuning_sample(shape: dict, device: torch.device) -> Case:
+    """One proxy-tuning decoding step: K=3 bf16 logits -> one sampled token per row."""
+    logits = model_logits(shape["K"], shape["B"], shape["V"], torch.bfloat16, device, seed=0)
+    return Case(
+        op="fused_sample",
+        shape=f"B={shape['B']} K={shape['K']} V={shape['V']}",
+        dtype=torch.bfloat16,
+        bytes_moved=_nbytes(logits) + shape["B"] * 8,
+        eager=eager_proxy_tuning_step,
+        eager_args=(logits, PROXY_TUNING_WEIGHTS),
+        ours=public_op_call("fusion", "fused_sample", logits, list(PROXY_TUNING_WEIGHTS)),
+    )
+
+
+@benchmark("fusion.fuse_logits", **_PROXY_SHAPES)
+def fuse_logits(shape: dict, device: torch.device) -> Case:
+    """fuse_logits: K=3 bf16 logits -> fp32 fused log-probs [B, V]."""
+    logits = model_logits(shape["K"], shape["B"], shape["V"], torch.bfloat16, device, seed=1)
+    return Case(
+        op="fuse_logits",
+        shape=f"B={shape['B']} K={shape['K']} V={shape['V']}",
+        dtype=torch.bfloat16,
+        bytes_moved=_nbytes(logits) + shape["B"] * shape["V"] * 4,
+        eager=eager_fuse_logits,
+        eager_args=(logits, PROXY_TUNING_WEIGHTS),
+        ours=public_op_call("fusion", "fuse_logits", logits, list(PROXY_TUNING_WEIGHTS)),
+    )
+
+
+@benchmark(
+    "fusion.dynamic_fusion_weights",
+    cuda=[dict(B=16, V=QWEN25_VOCAB)],
+    cpu=[dict(B=16, V=QWEN25_VOCAB)],
+    quick=[dict(B=4, V=QUICK_VOCAB)],
+)
+def dynamic_fusion_weights(shape: dict, device: torch.device) -> Case:
+    """dynamic_fusion_weights: one expert, 21-point grid, vs an eager loop over the candidates."""
+    large, expert, base = model_logits(3, shape["B"], shape["V"], torch.bfloat16, device, seed=2)
+    return Case(
+        op="dynamic_fusion_weights",
+        shape=f"B={shape['B']} experts=1 grid={len(DYNAMIC_FUSION_GRID)} V={shape['V']}",
+        dtype=torch.bfloat16,
+        bytes_moved=_nbytes((large, expert, base)) + shape["B"] * 4,
+        eager=eager_dynamic_fusion_weights,
+        eager_args=(large, expert, base, DYNAMIC_FUSION_GRID),
+        # The op's default grid is DYNAMIC_FUSION_GRID (DESIGN.md).
+        ours=public_op_call("fusion", "dynamic_fusion_weights", large, [expert], base),
+    )

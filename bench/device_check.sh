@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The GPU machine's check: build collab_ops with CUDA, run the tests, run the benchmarks.
+#
+#   bench/device_check.sh OUTDIR
+#
+# That machine has no network: nothing is installed from an index; peer libraries come from
+# wheels in .whl/ when present. Each step logs to OUTDIR/<step>.log and OUTDIR/summary.txt, under a
+# timeout drawn from one overall budget (DEVICE_CHECK_BUDGET_S, default 420 s) that holds back
+# BENCH_RESERVE_S (default 150 s) for the benchmarks. A failed step does not stop the later ones;
+# the script exits non-zero when any step failed. BENCH_ARGS adds options to the benchmark run
+# (e.g. BENCH_ARGS="--no-compile" or "--only fusion").
+set -u -o pipefail
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+
+BUDGET_S=${DEVICE_CHECK_BUDGET_S:-420}
+BENCH_RESERVE_S=${BENCH_RESERVE_S:-150}
+START=$(date +%s)
+FAILED=()
+: > "$OUT/summary.txt"
+
+seconds_left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+# run_step NAME CAP_S RESERVE_S COMMAND...
+# Runs COMMAND under a timeout of min(CAP_S, seconds left - RESERVE_S), logging to OUTDIR/NAME.log.
+run_step() {
+  local name=$1 cap=$2 reserve=$3
+  shift 3
+  local limit=$(( $(seconds_left) - reserve ))
+  (( limit > cap )) && limit=$cap
+  if (( limit < 5 )); then
+    echo "$name: NOT RUN, the time budget is spent" | tee -a "$OUT/summary.txt"
+    FAILED+=("$name")
+    return 1
+  fi
+  echo "== $name (timeout ${limit}s)"
+  local began rc verdict
+  began=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  if (( rc == 0 )); then
+    verdict="ok"
+  elif (( rc == 124 || rc == 137 )); then
+    verdict="TIMED OUT after ${limit}s"
+  else
+    verdict="FAILED (exit $rc)"
+  fi
+  echo "$name: $verdict in $(( $(date +%s) - began ))s" | tee -a "$OUT/summary.txt"
+  if (( rc != 0 )); then
+    FAILED+=("$name")
+    tail -n 30 "$OUT/$name.log" | sed 's/^/    /'
+  fi
+  return $rc
+}
+
+run_step environment 60 "$BENCH_RESERVE_S" bash -c '
+  set -e -o pipefail
+  nvidia-smi
+  nvcc --version || echo "nvcc: not on PATH"
+  python3 -c "
+import platform, torch, triton, transformers
+print(\"python\", platform.python_version())
+print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.get_device_name(0))
+print(\"triton\", triton.__version__, \"transformers\", transformers.__version__)
+"'
+tail -n 4 "$OUT/environment.log"
+
+run_step build 240 "$BENCH_RESERVE_S" env COLLAB_OPS_CUDA=1 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0a \
+  python3 -m pip install --no-build-isolation --no-deps --no-index -e .
+
+run_step import 60 "$BENCH_RESERVE_S" python3 -c 'import collab_ops; print(collab_ops.backend_status())'
+cat "$OUT/import.log"
+
+run_step tests_gpu 120 "$BENCH_RESERVE_S" python3 -m pytest -q tests/gpu
+tail -n 1 "$OUT/tests_gpu.log"
+run_step tests_all 240 "$BENCH_RESERVE_S" python3 -m pytest -q tests -x -q
+tail -n 1 "$OUT/tests_all.log"
+
+# Only the peers' own wheels: anything else in .whl/ on PYTHONPATH could shadow this machine's
+# torch or the editable collab_ops.
+shopt -s nullglob
+peer_wheels=(.whl/liger_kernel*.whl .whl/flashinfer*.whl)
+shopt -u nullglob
+if (( ${#peer_wheels[@]} )); then
+  if run_step peers 60 "$BENCH_RESERVE_S" python3 -m pip install --no-index --no-deps --target /tmp/site "${peer_wheels[@]}"; then
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+else
+  echo "peers: no Liger-Kernel or FlashInfer wheel in .whl/; the benchmarks record them as not installed" | tee -a "$OUT/summary.txt"
+fi
+
+# The harness starts no new case once its own budget is spent and writes its files after every
+# case, so a cut-short run still leaves results in OUTDIR.
+bench_budget=$(( $(seconds_left) - 60 ))
+(( bench_budget < 10 )) && bench_budget=10
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of options
+run_step bench 600 0 python3 -m collab_ops bench --device cuda --out "$OUT" --time-budget "$bench_budget" ${BENCH_ARGS:-}
+for table in "$OUT"/*.md; do
+  [[ -e $table ]] && cat "$table"
+done
+
+echo
+echo "total: $(( $(date +%s) - START ))s of a ${BUDGET_S}s budget" | tee -a "$OUT/summary.txt"
+cat "$OUT/summary.txt"
+if (( ${#FAILED[@]} )); then
+  echo "failed steps: ${FAILED[*]}"
+  exit 1
+fi
