@@ -4,10 +4,23 @@
 namespace collab_ops {
 namespace cuda {
 
-cudaError_t launch_fuse_logits(const FusionParams& params, cudaStream_t stream) {
+int64_t fuse_logits_workspace_bytes(const FusionParams& params) {
+  const int64_t chunks = (params.vocab + kFusionChunk - 1) / kFusionChunk;
+  return static_cast<int64_t>(sizeof(OnlineLse)) * params.batch * chunks * (params.num_models + 1);
+}
+
+cudaError_t launch_fuse_logits(const FusionParams& params, void* workspace, cudaStream_t stream) {
   if (params.batch == 0) return cudaSuccess;
-  constexpr int kThreads = 512;
-  fuse_logits_kernel<kThreads><<<static_cast<unsigned>(params.batch), kThreads, 0, stream>>>(params);
+  FusionWorkspace ws;
+  ws.num_chunks = (params.vocab + kFusionChunk - 1) / kFusionChunk;
+  ws.model_stats = static_cast<OnlineLse*>(workspace);
+  ws.score_stats = ws.model_stats + params.batch * ws.num_chunks * params.num_models;
+  const dim3 grid(static_cast<unsigned>(ws.num_chunks * params.batch));
+  bool any_stats = false;
+  for (int k = 0; k < params.num_models; ++k) any_stats |= needs_row_max(params, k);
+  if (any_stats) model_stats_kernel<<<grid, kFusionThreads, 0, stream>>>(params, ws);
+  score_kernel<<<grid, kFusionThreads, 0, stream>>>(params, ws);
+  finish_kernel<<<grid, kFusionThreads, 0, stream>>>(params, ws);
   return cudaGetLastError();
 }
 

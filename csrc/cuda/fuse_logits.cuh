@@ -1,5 +1,16 @@
-// CUDA kernel of fuse_logits: one thread block per row. Torch-free (compiled on its own in the
-// header check); the launcher is in fuse_logits.cu.
+// CUDA kernels of fuse_logits. Torch-free (compiled on its own in the header check); the launcher
+// is in fuse_logits.cu.
+//
+// A row is split into chunks of kFusionChunk columns, one thread block each (a 1-D grid of
+// batch x chunks blocks, so any batch size fits), so that a batch of
+// one row still spreads over the whole GPU and every thread keeps kColumnsPerThread independent
+// loads in flight (one block per row left each SM waiting on memory latency). Row-wide
+// quantities come from per-chunk partial log-sum-exp states merged by the next kernel:
+//   1. (logits output or plausibility mask) model_stats_kernel: per chunk and model, max/lse;
+//   2. score_kernel: merges 1 into the per-row offsets and cut, writes the fused scores and the
+//      chunk's log-sum-exp state of them;
+//   3. finish_kernel: merges 2 per row, subtracts the row's log-sum-exp (log-prob output) and
+//      turns a row with a NaN in a participating model into all NaN.
 #pragma once
 #include <cub/block/block_reduce.cuh>
 
@@ -7,6 +18,10 @@
 
 namespace collab_ops {
 namespace cuda {
+
+constexpr int kFusionThreads = 256;
+constexpr int kColumnsPerThread = 8;
+constexpr int64_t kFusionChunk = static_cast<int64_t>(kFusionThreads) * kColumnsPerThread;
 
 struct MergeLse {
   __device__ __forceinline__ OnlineLse operator()(const OnlineLse& a, const OnlineLse& b) const {
@@ -25,49 +40,90 @@ __device__ OnlineLse block_merge_lse(OnlineLse local) {
   return result;
 }
 
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) fuse_logits_kernel(FusionParams p) {
-  const int64_t row = blockIdx.x;
+// Partial states live in [batch, num_chunks(, num_models)] workspaces.
+struct FusionWorkspace {
+  OnlineLse* model_stats;  // [batch, num_chunks, num_models], used by kernels 1 and 2
+  OnlineLse* score_stats;  // [batch, num_chunks]
+  int64_t num_chunks;
+};
+
+__device__ __forceinline__ OnlineLse merge_partials(const OnlineLse* partials, int64_t count, int64_t stride) {
+  // Few chunks per row (vocab / 2048): every thread merges them all, no reduction needed.
+  OnlineLse state = online_lse_init();
+  for (int64_t i = 0; i < count; ++i) state = online_lse_merge(state, partials[i * stride]);
+  return state;
+}
+
+__global__ void __launch_bounds__(kFusionThreads) model_stats_kernel(FusionParams p, FusionWorkspace ws) {
+  const int64_t chunk = blockIdx.x % ws.num_chunks, row = blockIdx.x / ws.num_chunks;
+  const int64_t begin = chunk * kFusionChunk;
+  for (int k = 0; k < p.num_models; ++k) {
+    const bool used = fusion_weight(p, row, k) != 0.f || (p.use_plausibility && k == p.plausibility_ref);
+    if (!used || !needs_row_max(p, k)) continue;  // uniform across the block
+    OnlineLse local = online_lse_init();
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) {
+      const int64_t col = begin + i * kFusionThreads + threadIdx.x;
+      if (col < p.vocab) online_lse_add(local, scaled_logit(p, k, row, col));
+    }
+    const OnlineLse merged = block_merge_lse<kFusionThreads>(local);
+    if (threadIdx.x == 0) ws.model_stats[(row * ws.num_chunks + chunk) * p.num_models + k] = merged;
+  }
+}
+
+__global__ void __launch_bounds__(kFusionThreads) score_kernel(FusionParams p, FusionWorkspace ws) {
+  const int64_t chunk = blockIdx.x % ws.num_chunks, row = blockIdx.x / ws.num_chunks;
   __shared__ float weight[kMaxFusedModels];
   __shared__ float offset[kMaxFusedModels];
   __shared__ float plausibility_cut;
   if (threadIdx.x < p.num_models) {
-    weight[threadIdx.x] = fusion_weight(p, row, threadIdx.x);
-    offset[threadIdx.x] = 0.f;
-  }
-  if (threadIdx.x == 0) plausibility_cut = -INFINITY;
-  __syncthreads();
-
-  for (int k = 0; k < p.num_models; ++k) {
+    const int k = threadIdx.x;
+    weight[k] = fusion_weight(p, row, k);
+    offset[k] = 0.f;
     const bool used = weight[k] != 0.f || (p.use_plausibility && k == p.plausibility_ref);
-    if (!used || !needs_row_max(p, k)) continue;
-    OnlineLse local = online_lse_init();
-    for (int64_t col = threadIdx.x; col < p.vocab; col += kThreads) online_lse_add(local, scaled_logit(p, k, row, col));
-    const OnlineLse stats = block_merge_lse<kThreads>(local);
-    if (threadIdx.x == 0) {
+    if (used && needs_row_max(p, k)) {
+      const OnlineLse stats = merge_partials(ws.model_stats + row * ws.num_chunks * p.num_models + k,
+                                             ws.num_chunks, p.num_models);
       if (needs_row_lse(p)) offset[k] = online_lse_value(stats);
       if (p.use_plausibility && k == p.plausibility_ref) plausibility_cut = plausibility_cut_from_max(p, stats.max);
     }
-    __syncthreads();
   }
+  if (threadIdx.x == 0 && !p.use_plausibility) plausibility_cut = -INFINITY;
+  __syncthreads();
 
   float* out = p.out + row * p.out_row_stride;
+  const int64_t begin = chunk * kFusionChunk;
   OnlineLse local = online_lse_init();
   bool saw_nan = false;
-  for (int64_t col = threadIdx.x; col < p.vocab; col += kThreads) {
-    const float score = fused_score(p, row, col, weight, offset, plausibility_cut, saw_nan);
-    out[col] = score;
-    online_lse_add(local, score);
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) {
+    const int64_t col = begin + i * kFusionThreads + threadIdx.x;
+    if (col < p.vocab) {
+      const float score = fused_score(p, row, col, weight, offset, plausibility_cut, saw_nan);
+      out[col] = score;
+      online_lse_add(local, score);
+    }
   }
-  if (__syncthreads_or(saw_nan)) {
-    for (int64_t col = threadIdx.x; col < p.vocab; col += kThreads) out[col] = NAN;
-    return;
+  // A NaN in a participating model poisons the row: carried in the partial state's flag.
+  local.has_nan |= saw_nan;
+  const OnlineLse merged = block_merge_lse<kFusionThreads>(local);
+  if (threadIdx.x == 0) ws.score_stats[row * ws.num_chunks + chunk] = merged;
+}
+
+__global__ void __launch_bounds__(kFusionThreads) finish_kernel(FusionParams p, FusionWorkspace ws) {
+  const int64_t chunk = blockIdx.x % ws.num_chunks, row = blockIdx.x / ws.num_chunks;
+  const OnlineLse stats = merge_partials(ws.score_stats + row * ws.num_chunks, ws.num_chunks, 1);
+  const bool poisoned = stats.has_nan;
+  const float lse = online_lse_value(stats);
+  // Nothing to do: logits output of a clean row, or an all-excluded row that stays all -inf.
+  if (!poisoned && (!p.output_logprobs || lse == -INFINITY)) return;
+  float* out = p.out + row * p.out_row_stride;
+  const int64_t begin = chunk * kFusionChunk;
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) {
+    const int64_t col = begin + i * kFusionThreads + threadIdx.x;
+    if (col < p.vocab) out[col] = poisoned ? NAN : out[col] - lse;
   }
-  if (!p.output_logprobs) return;
-  const float lse = online_lse_value(block_merge_lse<kThreads>(local));
-  // An all-excluded row stays all -inf instead of becoming (-inf) - (-inf) = NaN.
-  if (lse == -INFINITY) return;
-  for (int64_t col = threadIdx.x; col < p.vocab; col += kThreads) out[col] -= lse;
 }
 
 }  // namespace cuda

@@ -20,7 +20,8 @@ at::Tensor fuse_logits_cuda(const std::vector<at::Tensor>& logits, const at::Ten
   at::Tensor out = at::empty({p.batch, vocab_size}, logits[0].options().dtype(at::kFloat));
   p.out = out.data_ptr<float>();
   p.out_row_stride = out.stride(0);
-  const cudaError_t status = cuda::launch_fuse_logits(p, at::cuda::getCurrentCUDAStream());
+  at::Tensor workspace = at::empty({cuda::fuse_logits_workspace_bytes(p)}, out.options().dtype(at::kByte));
+  const cudaError_t status = cuda::launch_fuse_logits(p, workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "fuse_logits CUDA launch failed: ", cudaGetErrorString(status));
   return out;
 }

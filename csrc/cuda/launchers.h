@@ -7,7 +7,9 @@
 namespace collab_ops {
 namespace cuda {
 
-cudaError_t launch_fuse_logits(const FusionParams& params, cudaStream_t stream);
+// Scratch bytes that launch_fuse_logits needs for its per-chunk partial states.
+int64_t fuse_logits_workspace_bytes(const FusionParams& params);
+cudaError_t launch_fuse_logits(const FusionParams& params, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace collab_ops

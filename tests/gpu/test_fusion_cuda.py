@@ -17,7 +17,15 @@ def test_fuse_logits_cuda_matches_reference(index):
     check_fusion_case("cuda", "cuda", CASES[index], seed=2000 + index)
 
 
-def test_fuse_logits_default_dispatch_picks_cuda():
-    logits = [torch.randn(2, 11, device="cuda")]
-    impl = collab_ops._dispatch.dispatch("fuse_logits", logits[0].device)
-    assert impl.backend == "cuda"
+def test_fuse_logits_default_dispatch_picks_cuda(monkeypatch):
+    chosen = []
+    real_dispatch = collab_ops._dispatch.dispatch
+
+    def recording_dispatch(*args, **kwargs):
+        impl = real_dispatch(*args, **kwargs)
+        chosen.append(impl.backend)
+        return impl
+
+    monkeypatch.setattr(collab_ops._dispatch, "dispatch", recording_dispatch)
+    collab_ops.fuse_logits([torch.randn(2, 11, device="cuda")], [1.0])
+    assert chosen == ["cuda"]
