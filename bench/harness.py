@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import functools
 import gc
@@ -25,9 +24,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
+
+from collab_ops import _dispatch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = REPO_ROOT / "bench" / "results"
@@ -248,36 +249,6 @@ def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> tuple[Opti
 # Which backend dispatch picked
 
 
-@contextlib.contextmanager
-def observing_dispatch() -> Iterator[list[str]]:
-    """Collects the backend of every implementation collab_ops' dispatch hands out inside the block.
-
-    Each registered implementation is wrapped for the duration of the block only, so timing runs
-    on the unwrapped functions. An op that bypasses the registry leaves the list empty.
-    """
-    from collab_ops import _dispatch
-
-    used: list[str] = []
-
-    def recording(impl):
-        @functools.wraps(impl.fn)
-        def call(*args, **kwargs):
-            used.append(impl.backend)
-            return impl.fn(*args, **kwargs)
-
-        return dataclasses.replace(impl, fn=call)
-
-    originals = {op: dict(impls) for op, impls in _dispatch._REGISTRY.items()}
-    for impls in _dispatch._REGISTRY.values():
-        for backend, impl in impls.items():
-            impls[backend] = recording(impl)
-    try:
-        yield used
-    finally:
-        for op, impls in originals.items():
-            _dispatch._REGISTRY[op].update(impls)
-
-
 def _backend_label(used: list[str]) -> str:
     distinct = list(dict.fromkeys(used))
     return "+".join(distinct) if distinct else "not observed"
@@ -440,14 +411,14 @@ class _CaseRunner:
             return record
         timed = _with_backward(call, case.grad_wrt)
         try:
-            with observing_dispatch() if observe else contextlib.nullcontext([]) as used:
+            with _dispatch.recording() if observe else contextlib.nullcontext([]) as chosen:
                 start = time.perf_counter()
                 result = timed()
                 synchronize(self.device)
                 record["first_call_s"] = time.perf_counter() - start
             del result
             if observe:
-                record["backend"] = _backend_label(used)
+                record["backend"] = _backend_label([impl.backend for impl in chosen])
             peak_bytes, memory_method = peak_extra_memory(timed, self.device)
             timing = self.timer.measure(timed)
         except Exception as exc:  # an OOM or a failing op must not end the run

@@ -8,9 +8,10 @@ backend that was considered and why it could not serve (as xformers' fmha dispat
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -38,6 +39,8 @@ class Implementation:
 
 
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
+# Lists that `recording()` blocks are collecting into; empty outside such blocks.
+_RECORDERS: list[list[Implementation]] = []
 
 
 class BackendUnavailableError(RuntimeError):
@@ -88,8 +91,23 @@ def dispatch(op: str, device: torch.device, backend: Optional[str] = None, **cas
     for name in candidates:
         reason = why_not(op, name, device, case)
         if reason is None:
-            return _REGISTRY[op][name]
+            chosen = _REGISTRY[op][name]
+            for recorder in _RECORDERS:
+                recorder.append(chosen)
+            return chosen
         reasons.append(f"  {name}: {reason}")
     raise BackendUnavailableError(
         f"no backend can run {op} on {device.type}:\n" + "\n".join(reasons)
     )
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Implementation]]:
+    """Collects the implementation that every dispatch inside the block chooses (for tests and
+    benchmarks that must say which backend ran)."""
+    chosen: list[Implementation] = []
+    _RECORDERS.append(chosen)
+    try:
+        yield chosen
+    finally:
+        _RECORDERS.remove(chosen)

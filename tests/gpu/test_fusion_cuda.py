@@ -17,15 +17,7 @@ def test_fuse_logits_cuda_matches_reference(index):
     check_fusion_case("cuda", "cuda", CASES[index], seed=2000 + index)
 
 
-def test_fuse_logits_default_dispatch_picks_cuda(monkeypatch):
-    chosen = []
-    real_dispatch = collab_ops._dispatch.dispatch
-
-    def recording_dispatch(*args, **kwargs):
-        impl = real_dispatch(*args, **kwargs)
-        chosen.append(impl.backend)
-        return impl
-
-    monkeypatch.setattr(collab_ops._dispatch, "dispatch", recording_dispatch)
-    collab_ops.fuse_logits([torch.randn(2, 11, device="cuda")], [1.0])
-    assert chosen == ["cuda"]
+def test_fuse_logits_default_dispatch_picks_cuda():
+    with collab_ops._dispatch.recording() as chosen:
+        collab_ops.fuse_logits([torch.randn(2, 11, device="cuda")], [1.0])
+    assert [impl.backend for impl in chosen] == ["cuda"]
