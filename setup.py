@@ -53,7 +53,7 @@ def extension():
         define_macros=[("COLLAB_OPS_WITH_CUDA", "1")],
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"],
         },
         extra_link_args=["-fopenmp"],
     )

@@ -7,6 +7,7 @@ TORCH_LIBRARY(collab_ops, m) {
   m.def(
       "fuse_logits(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
       "float? plausibility_alpha, int plausibility_ref, int vocab_size, bool output_logprobs) -> Tensor");
+  m.def("dynamic_fusion_weights(Tensor large, Tensor[] experts, Tensor base, Tensor grid, int vocab_size) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -5,13 +5,14 @@
 
 #include <cmath>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "common/fusion.h"
 
 namespace collab_ops {
 
-inline ScalarKind scalar_kind(const at::Tensor& t, int64_t index) {
+inline ScalarKind scalar_kind(const at::Tensor& t, const std::string& name) {
   switch (t.scalar_type()) {
     case at::kFloat:
       return ScalarKind::kFloat32;
@@ -20,17 +21,32 @@ inline ScalarKind scalar_kind(const at::Tensor& t, int64_t index) {
     case at::kHalf:
       return ScalarKind::kFloat16;
     default:
-      TORCH_CHECK_TYPE(false, "logits[", index, "] must be float32, bfloat16 or float16, got ", t.scalar_type());
+      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
 }
 
-// Fills everything but the output pointer; `columns_contiguous` holds the inputs that were copied
+// Checks one [batch, >= vocab] logits input named `name` and describes its rows; an input whose
+// columns are strided is copied, and the copy joins `keep_alive` so it outlives the launch.
+inline LogitRows checked_logit_rows(const at::Tensor& t, const std::string& name, int64_t batch, int64_t vocab,
+                                    const at::Device& device, std::vector<at::Tensor>& keep_alive) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == batch, name, " must have shape [", batch, ", V], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.size(1) >= vocab, name, " has ", t.size(1), " columns, fewer than vocab_size=", vocab);
+  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but the first input is on ", device);
+  at::Tensor rows = t;
+  if (t.size(1) > 1 && t.stride(1) != 1) {
+    rows = t.contiguous();
+    keep_alive.push_back(rows);
+  }
+  return LogitRows{rows.data_ptr(), scalar_kind(rows, name), rows.stride(0)};
+}
+
+// Fills everything but the output pointer; `keep_alive` holds the inputs that were copied
 // because their last dimension was strided, so they outlive the launch.
 inline FusionParams make_fusion_params(const std::vector<at::Tensor>& logits, const at::Tensor& weights,
                                        const std::vector<double>& temperatures, bool normalize,
                                        std::optional<double> plausibility_alpha, int64_t plausibility_ref,
                                        int64_t vocab_size, bool output_logprobs,
-                                       std::vector<at::Tensor>& columns_contiguous) {
+                                       std::vector<at::Tensor>& keep_alive) {
   const int64_t num_models = static_cast<int64_t>(logits.size());
   TORCH_CHECK_VALUE(num_models >= 1 && num_models <= kMaxFusedModels, "logits must hold 1 to ", kMaxFusedModels,
                     " tensors, got ", num_models);
@@ -49,24 +65,14 @@ inline FusionParams make_fusion_params(const std::vector<at::Tensor>& logits, co
   p.num_models = static_cast<int32_t>(num_models);
   p.batch = batch;
   p.vocab = vocab_size;
-  columns_contiguous.clear();
+  keep_alive.clear();
   for (int64_t k = 0; k < num_models; ++k) {
-    const at::Tensor& t = logits[k];
-    TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == batch, "logits[", k, "] must have shape [", batch,
-                      ", V], got ", t.sizes());
-    TORCH_CHECK_VALUE(t.size(1) >= vocab_size, "logits[", k, "] has ", t.size(1), " columns, fewer than vocab_size=",
-                      vocab_size);
-    TORCH_CHECK_VALUE(t.device() == first.device(), "logits[", k, "] is on ", t.device(), " but logits[0] is on ",
-                      first.device());
     TORCH_CHECK_VALUE(temperatures[k] > 0, "temperatures[", k, "] must be > 0, got ", temperatures[k]);
-    at::Tensor rows = t;
-    if (t.size(1) > 1 && t.stride(1) != 1) {
-      rows = t.contiguous();
-      columns_contiguous.push_back(rows);
-    }
-    p.logits[k] = rows.data_ptr();
-    p.kind[k] = scalar_kind(rows, k);
-    p.row_stride[k] = rows.stride(0);
+    const LogitRows rows = checked_logit_rows(logits[k], "logits[" + std::to_string(k) + "]", batch, vocab_size,
+                                              first.device(), keep_alive);
+    p.logits[k] = rows.data;
+    p.kind[k] = rows.kind;
+    p.row_stride[k] = rows.row_stride;
     p.inv_temperature[k] = static_cast<float>(1.0 / temperatures[k]);
   }
   p.weights = weights.data_ptr<float>();

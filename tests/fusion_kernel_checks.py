@@ -62,3 +62,62 @@ def check_fusion_case(backend, device, case, seed):
     working = fuse_logits(logits, weights, backend="reference", **options)
     assert result.dtype == torch.float32 and result.device.type == torch.device(device).type
     assert_close_to_reference(result, exact, working, what=f"fuse_logits[{backend}] {widths} {dtypes} {layout} {options}")
+
+
+def dynamic_fusion_objectives(large, expert, base, grid):
+    """Float64 objective of every grid candidate per row, [B, G], written out from the definition."""
+    large, expert, base = (t.double() for t in (large, expert, base))
+    log_p, log_q, log_q_t = (torch.log_softmax(t, dim=-1) for t in (large, base, expert))
+
+    def kl(log_a, log_b):
+        a = log_a.exp()
+        return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+    excluded = (large == float("-inf")) | (expert == float("-inf")) | (base == float("-inf"))
+    columns = []
+    for alpha in grid:
+        fused = large if alpha == 0 else (large + alpha * (expert - base)).masked_fill(excluded, float("-inf"))
+        log_fused = torch.log_softmax(fused, dim=-1)
+        objective = (kl(log_fused, log_p) - kl(log_q_t, log_q)) ** 2 + (kl(log_p, log_fused) - kl(log_q, log_q_t)) ** 2
+        columns.append(objective.nan_to_num(nan=float("inf")))
+    return torch.stack(columns, dim=-1)
+
+
+def dynamic_fusion_cases():
+    """(batch, width per input, dtype, number of experts, grid, -inf fraction)."""
+    yield 3, [7, 7, 7], torch.float32, 1, None, 0.0
+    yield 2, [1, 1, 1], torch.float32, 1, [0.0, 0.5], 0.0
+    yield 5, [1000, 1003, 1000], torch.bfloat16, 2, None, 0.02
+    yield 4, [4099, 4099, 4099], torch.float16, 3, [-1.0, -0.25, 0.0, 0.3, 1.7, 2.5], 0.0
+    yield 2, [151936, 152064, 152064], torch.bfloat16, 1, None, 0.0
+
+
+def check_dynamic_fusion_case(backend, device, case, seed):
+    from collab_ops.ops.fusion import dynamic_fusion_weights
+
+    batch, widths, dtype, num_experts, grid, neg_inf = case
+    generator = torch.Generator().manual_seed(seed)
+    large = random_logits(batch, widths[0], dtype, device, generator=generator, neg_inf_fraction=neg_inf)
+    experts = [random_logits(batch, widths[1], dtype, device, generator=generator) for _ in range(num_experts)]
+    base = random_logits(batch, widths[2], dtype, device, generator=generator, neg_inf_fraction=neg_inf)
+    if batch > 1:
+        base[1, 0] = float("nan")  # a poisoned row gives NaN weights
+    result = dynamic_fusion_weights(large, experts, base, grid=grid, backend=backend)
+    exact = dynamic_fusion_weights(large, experts, base, grid=grid, backend="reference")
+    assert result.shape == (batch, num_experts) and result.dtype == torch.float32
+    assert torch.equal(torch.isnan(result), torch.isnan(exact))
+    candidates = grid if grid is not None else [round(0.1 * step, 1) for step in range(21)]
+    vocab = min(widths)
+    agree = 0
+    for t, expert in enumerate(experts):
+        objectives = dynamic_fusion_objectives(large[:, :vocab].cpu(), expert[:, :vocab].cpu(), base[:, :vocab].cpu(), candidates)
+        for row in range(batch):
+            if torch.isnan(exact[row, t]):
+                continue
+            chosen = candidates.index(round(result[row, t].item(), 6)) if candidates else None
+            best = objectives[row].min().item()
+            # Near-ties may break differently in fp32: the chosen candidate must be as good as the best.
+            assert objectives[row, chosen].item() <= best + 1e-4 * max(1.0, abs(best)), (row, t, result[row, t], exact[row, t])
+            agree += int(result[row, t] == exact[row, t])
+    rows = sum(1 for row in range(batch) for t in range(num_experts) if not torch.isnan(exact[row, t]))
+    assert agree >= 0.75 * rows, f"only {agree}/{rows} weights equal the reference's"

@@ -57,6 +57,14 @@ def test_fuse_logits_opcheck(case):
 
 
 @needs_cpu_kernels
+def test_dynamic_fusion_weights_opcheck():
+    torch.manual_seed(0)
+    large, expert, base = torch.randn(3, 9), torch.randn(3, 11, dtype=torch.bfloat16), torch.randn(3, 9)
+    grid = torch.tensor([0.0, 0.5, 1.0])
+    torch.library.opcheck(torch.ops.collab_ops.dynamic_fusion_weights.default, (large, [expert], base, grid, 9))
+
+
+@needs_cpu_kernels
 def test_compiled_op_rejects_bad_arguments_with_clear_errors():
     x = torch.randn(2, 8)
     weights = torch.ones(2, 1)
@@ -68,6 +76,10 @@ def test_compiled_op_rejects_bad_arguments_with_clear_errors():
         torch.ops.collab_ops.fuse_logits([x.double()], weights, [1.0], True, None, 0, 8, True)
     with pytest.raises(ValueError, match="plausibility_alpha"):
         torch.ops.collab_ops.fuse_logits([x], weights, [1.0], True, 1.5, 0, 8, True)
+    with pytest.raises(ValueError, match="grid"):
+        torch.ops.collab_ops.dynamic_fusion_weights(x, [x], x, torch.zeros(33), 8)
+    with pytest.raises(ValueError, match="experts\\[0\\] has 8 columns"):
+        torch.ops.collab_ops.dynamic_fusion_weights(torch.randn(2, 9), [x], torch.randn(2, 9), torch.zeros(3), 9)
 
 
 def test_import_without_extension_warns_once_and_keeps_reference():

@@ -3,9 +3,10 @@ import pytest
 
 import collab_ops
 from collab_ops import _dispatch
-from fusion_kernel_checks import check_fusion_case, fusion_cases
+from fusion_kernel_checks import check_dynamic_fusion_case, check_fusion_case, dynamic_fusion_cases, fusion_cases
 
 CASES = list(fusion_cases())
+DYNAMIC_CASES = list(dynamic_fusion_cases())
 CPU_BACKENDS = [
     b for b in ("cpu",) if b in collab_ops.available_backends() and b in _dispatch.registered_backends("fuse_logits")
 ]
@@ -20,3 +21,16 @@ def test_fuse_logits_kernel_matches_reference(backend, index):
 def test_a_cpu_fusion_kernel_is_tested_when_the_extension_is_built():
     if "cpu" in collab_ops.available_backends():
         assert CPU_BACKENDS == ["cpu"]
+
+
+DYNAMIC_CPU_BACKENDS = [
+    b
+    for b in ("cpu",)
+    if b in collab_ops.available_backends() and b in _dispatch.registered_backends("dynamic_fusion_weights")
+]
+
+
+@pytest.mark.parametrize("backend", DYNAMIC_CPU_BACKENDS)
+@pytest.mark.parametrize("index", range(len(DYNAMIC_CASES)))
+def test_dynamic_fusion_weights_kernel_matches_reference(backend, index):
+    check_dynamic_fusion_case(backend, "cpu", DYNAMIC_CASES[index], seed=3000 + index)

@@ -333,3 +333,35 @@ if _availability.extension() is not None:
 
     for _backend in ("cpu", "cuda"):
         _dispatch.register("fuse_logits", _backend, _compiled_fuse_logits, supports=_compiled_fusion_refusal)
+
+
+# Must agree with kMaxFusionExperts and kMaxFusionGrid in csrc/common/dynamic_fusion.h.
+MAX_KERNEL_EXPERTS = 8
+MAX_KERNEL_GRID = 32
+
+
+def _compiled_dynamic_fusion_refusal(*, large, experts, base, grid, **_) -> Optional[str]:
+    """Why the C++/CUDA dynamic-fusion kernels cannot take this call, or None."""
+    if len(experts) > MAX_KERNEL_EXPERTS:
+        return f"the dynamic fusion kernels take at most {MAX_KERNEL_EXPERTS} experts, got {len(experts)}"
+    if grid.numel() > MAX_KERNEL_GRID:
+        return f"the dynamic fusion kernels take at most {MAX_KERNEL_GRID} grid candidates, got {grid.numel()}"
+    if any(t.dtype not in FLOAT_DTYPES for t in (large, base, *experts)):
+        return "the dynamic fusion kernels take fp32/bf16/fp16 inputs"
+    return None
+
+
+def _compiled_dynamic_fusion_weights(large, experts, base, grid, vocab_size):
+    return torch.ops.collab_ops.dynamic_fusion_weights(large, list(experts), base, grid, vocab_size)
+
+
+if _availability.extension() is not None:
+
+    @torch.library.register_fake("collab_ops::dynamic_fusion_weights")
+    def _dynamic_fusion_weights_fake(large, experts, base, grid, vocab_size):
+        return large.new_empty((large.shape[0], len(experts)), dtype=torch.float32)
+
+    for _backend in ("cpu", "cuda"):
+        _dispatch.register(
+            "dynamic_fusion_weights", _backend, _compiled_dynamic_fusion_weights, supports=_compiled_dynamic_fusion_refusal
+        )

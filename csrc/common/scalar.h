@@ -50,4 +50,15 @@ COLLAB_HD float load_as_float(const void* base, ScalarKind kind, int64_t index) 
   }
 }
 
+// One [batch, >= vocab] logits input: columns contiguous, rows row_stride elements apart.
+struct LogitRows {
+  const void* data;
+  ScalarKind kind;
+  int64_t row_stride;
+};
+
+COLLAB_HD float load_logit(const LogitRows& rows, int64_t row, int64_t col) {
+  return load_as_float(rows.data, rows.kind, row * rows.row_stride + col);
+}
+
 }  // namespace collab_ops

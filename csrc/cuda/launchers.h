@@ -2,6 +2,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include "common/dynamic_fusion.h"
 #include "common/fusion.h"
 
 namespace collab_ops {
@@ -10,6 +11,9 @@ namespace cuda {
 // Scratch bytes that launch_fuse_logits needs for its per-chunk partial states.
 int64_t fuse_logits_workspace_bytes(const FusionParams& params);
 cudaError_t launch_fuse_logits(const FusionParams& params, void* workspace, cudaStream_t stream);
+
+int64_t dynamic_fusion_workspace_bytes(const DynamicFusionParams& params);
+cudaError_t launch_dynamic_fusion_weights(const DynamicFusionParams& params, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace collab_ops
