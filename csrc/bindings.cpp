@@ -7,6 +7,10 @@ TORCH_LIBRARY(collab_ops, m) {
   m.def(
       "fuse_logits(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
       "float? plausibility_alpha, int plausibility_ref, int vocab_size, bool output_logprobs) -> Tensor");
+  m.def(
+      "fused_sample(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
+      "float? plausibility_alpha, int plausibility_ref, int vocab_size, float temperature, int top_k, "
+      "float top_p, float min_p, bool greedy, Tensor? seed) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, module) {

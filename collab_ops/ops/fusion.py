@@ -321,6 +321,18 @@ def _compiled_fuse_logits(logits, weights, temperatures, normalize, plausibility
     )
 
 
+def _compiled_fused_sample(
+    logits, weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size,
+    temperature, top_k, top_p, min_p, greedy, seed,
+):
+    if seed is None and not greedy:
+        raise ValueError("fused_sample kernels need a seed tensor unless greedy (the public wrapper draws one)")
+    return torch.ops.collab_ops.fused_sample(
+        list(logits), weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size,
+        temperature, top_k, top_p, min_p, greedy, seed,
+    )
+
+
 # Must agree with kMaxFusedModels in csrc/common/fusion.h.
 MAX_KERNEL_MODELS = 8
 
@@ -331,5 +343,12 @@ if _availability.extension() is not None:
         torch._check(len(logits) >= 1)
         return logits[0].new_empty((logits[0].shape[0], vocab_size), dtype=torch.float32)
 
+    @torch.library.register_fake("collab_ops::fused_sample")
+    def _fused_sample_fake(logits, weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size,
+                           temperature, top_k, top_p, min_p, greedy, seed):
+        torch._check(len(logits) >= 1)
+        return logits[0].new_empty((logits[0].shape[0],), dtype=torch.int64)
+
     for _backend in ("cpu", "cuda"):
         _dispatch.register("fuse_logits", _backend, _compiled_fuse_logits, supports=_compiled_fusion_refusal)
+        _dispatch.register("fused_sample", _backend, _compiled_fused_sample, supports=_compiled_fusion_refusal)
