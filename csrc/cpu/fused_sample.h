@@ -222,12 +222,15 @@ inline float top_p_cut(const float* x, int64_t n, float floor, float x_max, floa
     // The first bin whose cumulative mass reaches the target holds the cut; if rounding leaves the
     // total short of it, every token is needed and the cut is in the last non-empty bin.
     int64_t chosen = -1;
+    double above_chosen = above;
     for (int64_t bin = digit_mask; bin >= 0; --bin) {
       if (bin_count[bin] == 0) continue;
       chosen = bin;
+      above_chosen = above;
       if (above + bin_mass[bin] >= target) break;
       above += bin_mass[bin];
     }
+    above = above_chosen;
     prefix |= static_cast<uint32_t>(chosen) << shift;
     prefix_mask |= digit_mask << shift;
   }
