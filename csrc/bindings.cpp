@@ -8,6 +8,10 @@ TORCH_LIBRARY(collab_ops, m) {
       "fuse_logits(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
       "float? plausibility_alpha, int plausibility_ref, int vocab_size, bool output_logprobs) -> Tensor");
   m.def("dynamic_fusion_weights(Tensor large, Tensor[] experts, Tensor base, Tensor grid, int vocab_size) -> Tensor");
+  m.def(
+      "fused_sample(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
+      "float? plausibility_alpha, int plausibility_ref, int vocab_size, float temperature, int top_k, "
+      "float top_p, float min_p, bool greedy, Tensor? seed) -> Tensor");
 }
 
 PYBIND11_MODULE(_C, module) {

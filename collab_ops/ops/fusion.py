@@ -305,6 +305,13 @@ _dispatch.register("fused_sample", "reference", reference.fused_sample)
 _dispatch.register("dynamic_fusion_weights", "reference", reference.dynamic_fusion_weights)
 
 
+# Kernel limits; they must agree with kMaxFusedModels (csrc/common/fusion.h) and kMaxFusionExperts,
+# kMaxFusionGrid (csrc/common/dynamic_fusion.h).
+MAX_KERNEL_MODELS = 8
+MAX_KERNEL_EXPERTS = 8
+MAX_KERNEL_GRID = 32
+
+
 def _compiled_fusion_refusal(*, logits, weights, **_) -> Optional[str]:
     """Why the C++/CUDA fusion kernels cannot take this call, or None."""
     if len(logits) > MAX_KERNEL_MODELS:
@@ -313,31 +320,6 @@ def _compiled_fusion_refusal(*, logits, weights, **_) -> Optional[str]:
     if wide:
         return f"the fusion kernels take fp32/bf16/fp16 inputs, logits[{wide[0]}] is {logits[wide[0]].dtype}"
     return None
-
-
-def _compiled_fuse_logits(logits, weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size, output_logprobs):
-    return torch.ops.collab_ops.fuse_logits(
-        list(logits), weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size, output_logprobs
-    )
-
-
-# Must agree with kMaxFusedModels in csrc/common/fusion.h.
-MAX_KERNEL_MODELS = 8
-
-if _availability.extension() is not None:
-
-    @torch.library.register_fake("collab_ops::fuse_logits")
-    def _fuse_logits_fake(logits, weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size, output_logprobs):
-        torch._check(len(logits) >= 1)
-        return logits[0].new_empty((logits[0].shape[0], vocab_size), dtype=torch.float32)
-
-    for _backend in ("cpu", "cuda"):
-        _dispatch.register("fuse_logits", _backend, _compiled_fuse_logits, supports=_compiled_fusion_refusal)
-
-
-# Must agree with kMaxFusionExperts and kMaxFusionGrid in csrc/common/dynamic_fusion.h.
-MAX_KERNEL_EXPERTS = 8
-MAX_KERNEL_GRID = 32
 
 
 def _compiled_dynamic_fusion_refusal(*, large, experts, base, grid, **_) -> Optional[str]:
@@ -351,17 +333,48 @@ def _compiled_dynamic_fusion_refusal(*, large, experts, base, grid, **_) -> Opti
     return None
 
 
+def _compiled_fuse_logits(logits, weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size, output_logprobs):
+    return torch.ops.collab_ops.fuse_logits(
+        list(logits), weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size, output_logprobs
+    )
+
+
+def _compiled_fused_sample(
+    logits, weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size,
+    temperature, top_k, top_p, min_p, greedy, seed,
+):
+    if seed is None and not greedy:
+        raise ValueError("fused_sample kernels need a seed tensor unless greedy (the public wrapper draws one)")
+    return torch.ops.collab_ops.fused_sample(
+        list(logits), weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size,
+        temperature, top_k, top_p, min_p, greedy, seed,
+    )
+
+
 def _compiled_dynamic_fusion_weights(large, experts, base, grid, vocab_size):
     return torch.ops.collab_ops.dynamic_fusion_weights(large, list(experts), base, grid, vocab_size)
 
 
 if _availability.extension() is not None:
 
+    @torch.library.register_fake("collab_ops::fuse_logits")
+    def _fuse_logits_fake(logits, weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size, output_logprobs):
+        torch._check(len(logits) >= 1)
+        return logits[0].new_empty((logits[0].shape[0], vocab_size), dtype=torch.float32)
+
+    @torch.library.register_fake("collab_ops::fused_sample")
+    def _fused_sample_fake(logits, weights, temperatures, normalize, plausibility_alpha, plausibility_ref, vocab_size,
+                           temperature, top_k, top_p, min_p, greedy, seed):
+        torch._check(len(logits) >= 1)
+        return logits[0].new_empty((logits[0].shape[0],), dtype=torch.int64)
+
     @torch.library.register_fake("collab_ops::dynamic_fusion_weights")
     def _dynamic_fusion_weights_fake(large, experts, base, grid, vocab_size):
         return large.new_empty((large.shape[0], len(experts)), dtype=torch.float32)
 
     for _backend in ("cpu", "cuda"):
+        _dispatch.register("fuse_logits", _backend, _compiled_fuse_logits, supports=_compiled_fusion_refusal)
+        _dispatch.register("fused_sample", _backend, _compiled_fused_sample, supports=_compiled_fusion_refusal)
         _dispatch.register(
             "dynamic_fusion_weights", _backend, _compiled_dynamic_fusion_weights, supports=_compiled_dynamic_fusion_refusal
         )

@@ -2,8 +2,10 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include "common/dynamic_fusion.h"
 #include "common/fusion.h"
+#include "common/sampling.h"
 
 namespace collab_ops {
 namespace cuda {
@@ -14,6 +16,10 @@ cudaError_t launch_fuse_logits(const FusionParams& params, void* workspace, cuda
 
 int64_t dynamic_fusion_workspace_bytes(const DynamicFusionParams& params);
 cudaError_t launch_dynamic_fusion_weights(const DynamicFusionParams& params, void* workspace, cudaStream_t stream);
+
+// Bytes of device workspace that launch_fused_sample needs for this call on a GPU with sm_count SMs.
+size_t fused_sample_workspace_bytes(const SamplingParams& params, int sm_count);
+cudaError_t launch_fused_sample(const SamplingParams& params, void* workspace, int sm_count, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace collab_ops

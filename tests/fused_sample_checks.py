@@ -1,0 +1,126 @@
+"""Kernel-vs-reference checks of fused_sample, shared by the CPU tests and tests/gpu.
+
+Greedy tokens must equal the reference's exactly; sampled tokens must be reproducible under a
+seed, depend on a per-row seed only, and stay inside the reference's kept set (ties included).
+"""
+import torch
+
+from collab_ops.ops.fusion import fused_sample
+from fusion_kernel_checks import DTYPES, random_logits
+
+INF = float("inf")
+
+
+def greedy_cases():
+    """(batch, widths, dtypes, layout, options) covering odd sizes, Qwen widths, dtypes, layouts, K = 1..8."""
+    yield 5, [1], [torch.float32], "contiguous", dict()
+    yield 4, [7, 9], [torch.bfloat16, torch.float16], "contiguous", dict(temperatures=[0.7, 1.3])
+    yield 2, [151936, 152064, 152064], list(DTYPES), "contiguous", dict(vocab_size=151936)
+    yield 3, [152064, 151936], [torch.bfloat16, torch.bfloat16], "row_strided", dict(normalize=False)
+    yield 3, [1001, 1003], [torch.float16, torch.float32], "column_strided", dict(plausibility_alpha=0.1)
+    yield 4, [32000] * 4, [torch.bfloat16] * 4, "contiguous", dict(per_row_weights=True, neg_inf=0.3)
+    for num_models in (5, 8):
+        yield 3, [257] * num_models, [DTYPES[k % 3] for k in range(num_models)], "contiguous", dict(
+            plausibility_alpha=0.3, plausibility_ref=num_models - 1, neg_inf=0.1
+        )
+
+
+def make_case(case, device, seed):
+    batch, widths, dtypes, layout, options = case
+    options = dict(options)
+    generator = torch.Generator().manual_seed(seed)
+    neg_inf = options.pop("neg_inf", 0.0)
+    logits = [
+        random_logits(batch, w, d, device, generator=generator, layout=layout, neg_inf_fraction=neg_inf)
+        for w, d in zip(widths, dtypes)
+    ]
+    if options.pop("per_row_weights", False):
+        weights = torch.randn(batch, len(logits), generator=generator).to(device)
+        weights[0, 1] = 0.0
+    else:
+        weights = [1.0] + [(-0.5) ** k for k in range(1, len(logits))]
+    return logits, weights, options
+
+
+def check_greedy_case(backend, device, case, seed):
+    logits, weights, options = make_case(case, device, seed)
+    tokens = fused_sample(logits, weights, greedy=True, backend=backend, **options)
+    expected = fused_sample(logits, weights, greedy=True, backend="reference", **options)
+    assert tokens.dtype == torch.int64 and tokens.device.type == torch.device(device).type
+    assert torch.equal(tokens.cpu(), expected.cpu()), f"{case}: {tokens.tolist()} != {expected.tolist()}"
+
+
+def check_greedy_takes_the_first_of_tied_maxima(backend, device):
+    logits = torch.randn(3, 300, dtype=torch.float64).to(torch.bfloat16)
+    logits[:, [17, 123, 250]] = 20.0
+    tokens = fused_sample([logits.to(device)], [1.0], greedy=True, backend=backend)
+    assert tokens.tolist() == [17, 17, 17]
+
+
+def check_seeds(backend, device):
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(64, 3001, generator=g).to(device), torch.randn(64, 3001, generator=g).to(device, torch.bfloat16)]
+    for options in (dict(), dict(temperature=0.7, min_p=0.01), dict(top_k=50, top_p=0.9)):
+        run = lambda seed: fused_sample(logits, [1.0, -0.5], seed=seed, backend=backend, **options)
+        first = run(11)
+        assert torch.equal(first, run(11)) and torch.equal(first, run(torch.tensor(11, device=device)))
+        assert not torch.equal(first, run(12))
+        per_row = torch.arange(64, device=device) * 1009 + 5
+        by_row = run(per_row)
+        assert torch.equal(by_row, run(per_row.clone())) and not torch.equal(by_row, run(per_row + 1))
+        # A row's token depends on its own seed only, not on its position in the batch.
+        order = torch.randperm(64, generator=g).to(device)
+        shuffled = fused_sample([l[order] for l in logits], [1.0, -0.5], seed=per_row[order], backend=backend, **options)
+        assert torch.equal(shuffled, by_row[order])
+
+
+def kept_set_case(device):
+    """A row whose k-th value is tied (bf16), so the kept sets must include every tie."""
+    values = torch.tensor([4.0, 3.0, 3.0, 3.0, 2.0, 2.0, 1.5, 1.0] + [0.0] * 32)
+    logits = values.to(torch.bfloat16)[None, :].expand(2000, -1).to(device)
+    return logits
+
+
+def check_kept_sets_include_ties(backend, device):
+    logits = kept_set_case(device)
+    for options, kept in (
+        (dict(top_k=2), {0, 1, 2, 3}),
+        (dict(top_k=5), {0, 1, 2, 3, 4, 5}),
+        # softmax mass: token 0 holds 0.32; tokens 1-3 tie at the token that reaches 0.4.
+        (dict(top_p=0.4), {0, 1, 2, 3}),
+        (dict(top_k=6, top_p=0.999), {0, 1, 2, 3, 4, 5}),
+        (dict(min_p=float(torch.exp(torch.tensor(-2.7)))), {0, 1, 2, 3, 4, 5, 6}),
+    ):
+        tokens = fused_sample([logits], [1.0], seed=1, backend=backend, **options)
+        reference = fused_sample([logits.cpu()], [1.0], seed=1, backend="reference", **options)
+        assert set(reference.tolist()) == kept
+        assert set(tokens.tolist()) == kept, f"{options}: drew {sorted(set(tokens.tolist()))}, kept set {sorted(kept)}"
+
+
+def check_rows_without_a_token(backend, device):
+    """Rows the reference gives -1 through +inf inputs, beside the NaN / all-excluded rows of the stats tests."""
+    a = torch.randn(4, 10)
+    b = torch.randn(4, 10)
+    a[0, 3] = INF  # normalised model with +inf: log_softmax is NaN there
+    b[2, 5] = -INF
+    a[2, 5] = INF  # +inf meets an exclusion: NaN score
+    a, b = a.to(device), b.to(device)
+    for normalize in (True, False):
+        tokens = fused_sample([a, b], [1.0, 1.0], normalize=normalize, seed=0, backend=backend)
+        expected = fused_sample([a.cpu(), b.cpu()], [1.0, 1.0], normalize=normalize, seed=0, backend="reference")
+        assert ((tokens.cpu() == -1) == (expected == -1)).all(), (normalize, tokens.tolist(), expected.tolist())
+    reference_with_inf = torch.randn(2, 10, device=device)
+    reference_with_inf[0, 4] = INF
+    tokens = fused_sample([torch.randn(2, 10, device=device), reference_with_inf], [1.0, 0.0], plausibility_alpha=0.5,
+                          plausibility_ref=1, seed=0, backend=backend)
+    assert tokens[0] == -1 and tokens[1] >= 0
+
+
+def opcheck_samples(device):
+    g = torch.Generator().manual_seed(0)
+    mixed = [torch.randn(3, 11, generator=g).to(device), torch.randn(3, 13, generator=g).to(device, torch.bfloat16)]
+    weights = torch.tensor([[1.0, -0.5]], device=device).expand(3, 2)
+    seed = torch.tensor(7, device=device)
+    yield (mixed, weights, [1.0, 0.7], True, 0.1, 0, 11, 1.0, 0, 1.0, 0.0, False, seed)
+    yield (mixed, weights, [1.0, 1.0], False, None, 0, 11, 0.8, 3, 0.9, 0.05, False, torch.arange(3, device=device))
+    yield (mixed, weights, [1.0, 1.0], True, None, 0, 11, 1.0, 0, 1.0, 0.0, True, None)
