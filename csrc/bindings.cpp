@@ -7,6 +7,10 @@ TORCH_LIBRARY(collab_ops, m) {
   m.def(
       "fuse_logits(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
       "float? plausibility_alpha, int plausibility_ref, int vocab_size, bool output_logprobs) -> Tensor");
+  m.def(
+      "speculative_verify(Tensor draft_tokens, Tensor[] targets, Tensor target_weights, Tensor? draft, "
+      "Tensor num_draft_tokens, bool inputs_are_logits, float temperature, bool greedy, Tensor seed) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, module) {

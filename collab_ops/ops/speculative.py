@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .. import _dispatch
+from .. import _availability, _dispatch
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
@@ -297,3 +297,40 @@ def _describe_invalid_rows(case: dict, invalid_rows: torch.Tensor) -> str:
 
 
 _dispatch.register("speculative_verify", "reference", reference.speculative_verify)
+
+
+# Must agree with kMaxSpeculativeTargets in csrc/common/speculative.h.
+MAX_KERNEL_TARGETS = 8
+
+
+def _compiled_refusal(*, targets, draft, **_) -> Optional[str]:
+    """Why the C++/CUDA kernels cannot take this call, or None."""
+    if len(targets) > MAX_KERNEL_TARGETS:
+        return f"the speculative_verify kernels fuse at most {MAX_KERNEL_TARGETS} targets, got {len(targets)}"
+    dtype = targets[0].dtype
+    if dtype not in FLOAT_DTYPES:
+        return f"the speculative_verify kernels take fp32/bf16/fp16 inputs, got {dtype}"
+    if any(t.dtype != dtype for t in targets) or (draft is not None and draft.dtype != dtype):
+        return "the speculative_verify kernels need the targets and the draft in one dtype"
+    return None
+
+
+def _compiled_speculative_verify(*, draft_tokens, targets, target_weights, draft, num_draft_tokens, inputs_are_logits, temperature, greedy, seed):
+    return torch.ops.collab_ops.speculative_verify(
+        draft_tokens, list(targets), target_weights, draft, num_draft_tokens, inputs_are_logits, temperature, greedy, seed
+    )
+
+
+if _availability.extension() is not None:
+
+    @torch.library.register_fake("collab_ops::speculative_verify")
+    def _speculative_verify_fake(draft_tokens, targets, target_weights, draft, num_draft_tokens, inputs_are_logits, temperature, greedy, seed):
+        batch, num_drafts = draft_tokens.shape
+        return (
+            draft_tokens.new_empty((batch, num_drafts + 1), dtype=torch.int64),
+            draft_tokens.new_empty((batch,), dtype=torch.int64),
+            draft_tokens.new_empty((batch,), dtype=torch.int64),
+        )
+
+    for _backend in ("cpu", "cuda"):
+        _dispatch.register("speculative_verify", _backend, _compiled_speculative_verify, supports=_compiled_refusal)
