@@ -12,6 +12,10 @@ TORCH_LIBRARY(collab_ops, m) {
       "fused_sample(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
       "float? plausibility_alpha, int plausibility_ref, int vocab_size, float temperature, int top_k, "
       "float top_p, float min_p, bool greedy, Tensor? seed) -> Tensor");
+  m.def(
+      "speculative_verify(Tensor draft_tokens, Tensor[] targets, Tensor target_weights, Tensor? draft, "
+      "Tensor num_draft_tokens, bool inputs_are_logits, float temperature, bool greedy, Tensor seed) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(_C, module) {

@@ -37,10 +37,11 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .. import _dispatch
+from .. import _availability, _dispatch
 from .._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    check_bool,
     check_choice,
     check_dim_size,
     check_float_tensor,
@@ -121,8 +122,8 @@ def speculative_verify(
         raise ValueError(
             f"temperature={temperature} applies to inputs='logits' only; pass temperature=1.0 with probabilities"
         )
-    _check_bool("strict", strict)
-    _check_bool("return_accepted", return_accepted)
+    check_bool("strict", strict)
+    check_bool("return_accepted", return_accepted)
 
     draft_tokens = check_tensor("draft_tokens", draft_tokens, ndim=2, dtypes=INDEX_DTYPES)
     batch, num_drafts = draft_tokens.shape
@@ -168,11 +169,6 @@ def speculative_verify(
     if return_accepted:
         return tokens, num_emitted, num_accepted
     return tokens, num_emitted
-
-
-def _check_bool(name: str, value) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
 
 
 def _named_targets(target) -> list[tuple[str, torch.Tensor]]:
@@ -297,3 +293,40 @@ def _describe_invalid_rows(case: dict, invalid_rows: torch.Tensor) -> str:
 
 
 _dispatch.register("speculative_verify", "reference", reference.speculative_verify)
+
+
+# Must agree with kMaxSpeculativeTargets in csrc/common/speculative.h.
+MAX_KERNEL_TARGETS = 8
+
+
+def _compiled_refusal(*, targets, draft, **_) -> Optional[str]:
+    """Why the C++/CUDA kernels cannot take this call, or None."""
+    if len(targets) > MAX_KERNEL_TARGETS:
+        return f"the speculative_verify kernels fuse at most {MAX_KERNEL_TARGETS} targets, got {len(targets)}"
+    dtype = targets[0].dtype
+    if dtype not in FLOAT_DTYPES:
+        return f"the speculative_verify kernels take fp32/bf16/fp16 inputs, got {dtype}"
+    if any(t.dtype != dtype for t in targets) or (draft is not None and draft.dtype != dtype):
+        return "the speculative_verify kernels need the targets and the draft in one dtype"
+    return None
+
+
+def _compiled_speculative_verify(*, draft_tokens, targets, target_weights, draft, num_draft_tokens, inputs_are_logits, temperature, greedy, seed):
+    return torch.ops.collab_ops.speculative_verify(
+        draft_tokens, list(targets), target_weights, draft, num_draft_tokens, inputs_are_logits, temperature, greedy, seed
+    )
+
+
+if _availability.extension() is not None:
+
+    @torch.library.register_fake("collab_ops::speculative_verify")
+    def _speculative_verify_fake(draft_tokens, targets, target_weights, draft, num_draft_tokens, inputs_are_logits, temperature, greedy, seed):
+        batch, num_drafts = draft_tokens.shape
+        return (
+            draft_tokens.new_empty((batch, num_drafts + 1), dtype=torch.int64),
+            draft_tokens.new_empty((batch,), dtype=torch.int64),
+            draft_tokens.new_empty((batch,), dtype=torch.int64),
+        )
+
+    for _backend in ("cpu", "cuda"):
+        _dispatch.register("speculative_verify", _backend, _compiled_speculative_verify, supports=_compiled_refusal)

@@ -1,0 +1,127 @@
+"""Kernel-vs-reference checks of speculative_verify, shared by the CPU tests and tests/gpu.
+
+Greedy verification and every invalid-row rule are deterministic, so a kernel must give the
+reference's outputs exactly. Cases are built so that float32-vs-float64 rounding cannot move an
+argmax: logits are wide normals, and ties only arise from exact input ties (smallest id wins on
+every backend).
+"""
+import torch
+
+from collab_ops.ops.speculative import speculative_verify
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def scores(batch, positions, vocab, *, generator, inputs, layout="contiguous", dtype=torch.float32):
+    """[batch, positions, vocab] logits (or their softmax) with a few -inf (or 0) entries."""
+    values = 3.0 * torch.randn(batch, positions, vocab, generator=generator, dtype=torch.float64)
+    if vocab > 2:
+        excluded = torch.rand(batch, positions, vocab, generator=generator) < 0.05
+        excluded[..., 0] = False  # keeps every row defined
+        values[excluded] = -float("inf")
+    if inputs == "probs":
+        values = values.softmax(-1)
+    values = values.to(dtype)
+    if layout == "position_major":  # batch stride smaller than position stride
+        return values.transpose(0, 1).contiguous().transpose(0, 1)
+    if layout == "padded":  # rows inside a wider buffer: vocabulary stride 1, other strides odd
+        wide = torch.zeros(batch, positions, vocab + 3, dtype=dtype)
+        wide[..., :vocab] = values
+        return wide[..., :vocab]
+    return values
+
+
+def greedy_case(batch, num_drafts, vocab, *, seed, inputs="logits", dtype=torch.float32, layout="contiguous",
+                num_targets=1, ragged=True):
+    generator = torch.Generator().manual_seed(seed)
+    targets = [
+        scores(batch, num_drafts + 1, vocab, generator=generator, inputs=inputs, layout=layout, dtype=dtype)
+        for _ in range(num_targets)
+    ]
+    if num_targets == 1:
+        weights = None
+    else:
+        weights = torch.randn(batch, num_targets, generator=generator)
+        weights[:, 0] = weights[:, 0].abs() + 1.0
+        weights[0, 1:] = 0.0  # a row where the other models do not take part
+    # Mostly the reference's own argmax, so that chains get long before a mismatch.
+    best = _reference_argmax(targets, weights, inputs)[:, :num_drafts]
+    guess = torch.randint(0, vocab, (batch, num_drafts), generator=generator)
+    draft_tokens = torch.where(torch.rand(batch, num_drafts, generator=generator) < 0.7, best, guess)
+    num_draft_tokens = (
+        torch.randint(0, num_drafts + 1, (batch,), generator=generator) if ragged else torch.full((batch,), num_drafts)
+    )
+    return dict(
+        draft_tokens=draft_tokens,
+        target=targets if num_targets > 1 else targets[0],
+        target_weights=weights,
+        inputs=inputs,
+        num_draft_tokens=num_draft_tokens,
+    )
+
+
+def _reference_argmax(targets, weights, inputs):
+    from collab_ops.reference import speculative as reference
+
+    batch = targets[0].shape[0]
+    if weights is None:
+        weights = torch.ones(batch, 1)
+    return reference.fused_target_probs(targets, weights, inputs == "logits", 1.0).argmax(-1)
+
+
+def to_device(case, device):
+    moved = {}
+    for name, value in case.items():
+        if isinstance(value, torch.Tensor):
+            moved[name] = value.to(device)
+        elif isinstance(value, list):
+            moved[name] = [v.to(device) for v in value]
+        else:
+            moved[name] = value
+    return moved
+
+
+def assert_same_as_reference(backend, device, case, **options):
+    expected = speculative_verify(**case, **options, return_accepted=True, backend="reference")
+    actual = speculative_verify(**to_device(case, device), **options, return_accepted=True, backend=backend)
+    for name, got, want in zip(("tokens", "num_emitted", "num_accepted"), actual, expected):
+        assert got.device.type == torch.device(device).type
+        assert torch.equal(got.cpu(), want), f"{name}: got {got.cpu().tolist()}, expected {want.tolist()}"
+
+
+GREEDY_CASES = [
+    # (batch, K, V, inputs, dtype, layout, num_targets)
+    (5, 3, 1, "logits", torch.float32, "contiguous", 1),
+    (17, 4, 7, "probs", torch.float32, "contiguous", 1),
+    (9, 5, 1001, "logits", torch.bfloat16, "position_major", 1),
+    (9, 5, 1001, "probs", torch.float16, "padded", 1),
+    (6, 2, 2049, "logits", torch.float16, "contiguous", 1),
+    (7, 3, 4099, "logits", torch.float32, "padded", 3),
+    (7, 3, 333, "probs", torch.float32, "position_major", 2),
+    (3, 0, 50, "logits", torch.float32, "contiguous", 1),
+]
+
+
+def invalid_row_case(inputs, seed):
+    """One bad row per rule, next to clean rows; every row of the reference's verdict must match."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_drafts, vocab = 10, 3, 61
+    target = scores(batch, num_drafts + 1, vocab, generator=generator, inputs=inputs)
+    draft = scores(batch, num_drafts, vocab, generator=generator, inputs=inputs)
+    draft_tokens = torch.randint(1, vocab, (batch, num_drafts), generator=generator)
+    num_draft_tokens = torch.tensor([3, 2, 3, 1, 3, 3, 3, 0, 4, -1])
+    excluded = -float("inf") if inputs == "logits" else 0.0
+    draft_tokens[1, 2] = -7  # unused position of a ragged row: not read
+    draft_tokens[2, 1] = vocab  # used id out of range
+    target[3, 3] = float("nan")  # NaN past the row's last used target position (n = 1): not read
+    target[4, 3, 5] = float("nan")  # NaN at the bonus position
+    target[5, 1] = excluded  # every token excluded
+    draft[6, 2, 9] = float("nan")  # undefined draft at a used position (sample mode only)
+    draft[7, 0] = float("nan")  # row 7 uses no drafts: not read
+    if inputs == "probs":
+        target[0, 2, 4] = -0.5  # negative probability
+    else:
+        target[0, 2, 4] = float("inf")  # +inf logit
+    return dict(
+        draft_tokens=draft_tokens, target=target, draft=draft, inputs=inputs, num_draft_tokens=num_draft_tokens
+    )
