@@ -1,6 +1,6 @@
-// CPU kernel of dynamic_fusion_weights: one (row, expert) task at a time, in column tiles. The
-// three model states are updated per element; each grid candidate's state is updated per tile in
-// vectorisable sweeps (max, then sums), which is where the time goes. Torch-free.
+// CPU kernel of dynamic_fusion_weights: one (row, expert) task at a time, in column tiles. Every
+// state (the three models' and each grid candidate's) is updated per tile in vectorisable sweeps
+// (max, then sums). Torch-free.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -40,15 +40,20 @@ inline float dynamic_fusion_weight(const DynamicFusionParams& p, int64_t row, in
     load_rows_tile(p.large, row, col, count, a);
     load_rows_tile(p.experts[expert], row, col, count, e);
     load_rows_tile(p.base, row, col, count, b);
-    // The model states and flags, element by element; candidates are left to the sweeps below.
-    DynamicFusionState models;
-    dynamic_fusion_state_init(models, 0);
     for (int64_t i = 0; i < count; ++i) {
-      dynamic_fusion_add(models, p.grid, 0, a[i], e[i], b[i]);
-      kept[i] = a[i] != -INFINITY && e[i] != -INFINITY && b[i] != -INFINITY && !std::isnan(a[i] + e[i] + b[i]);
-      d[i] = kept[i] ? e[i] - b[i] : 0.f;
+      const bool a_in = a[i] != -INFINITY, e_in = e[i] != -INFINITY, b_in = b[i] != -INFINITY;
+      state.saw_nan |= std::isnan(a[i]) || std::isnan(e[i]) || std::isnan(b[i]);
+      state.large_mass_excluded |= a_in && !(e_in && b_in);
+      state.expert_mass_outside_base |= e_in && !b_in;
+      state.base_mass_outside_expert |= b_in && !e_in;
+      kept[i] = a_in && e_in && b_in;
+      d[i] = e_in && b_in ? e[i] - b[i] : 0.f;
     }
-    dynamic_fusion_merge(state, models, 0);
+    // The same sweep for the models and the candidates, so that alpha * d == 0 gives exactly P's
+    // state (the exact ties of an expert equal to the base then resolve like the reference's).
+    state.large = weighted_lse_merge(state.large, tile_weighted_lse(a, d, count));
+    state.expert = weighted_lse_merge(state.expert, tile_weighted_lse(e, d, count));
+    state.base = weighted_lse_merge(state.base, tile_weighted_lse(b, d, count));
     for (int g = 0; g < p.grid_size; ++g) {
       const float alpha = p.grid[g];
       for (int64_t i = 0; i < count; ++i) fused[i] = kept[i] ? a[i] + alpha * d[i] : -INFINITY;
