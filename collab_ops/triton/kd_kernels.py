@@ -20,52 +20,54 @@ A counted row whose student or teacher row has no finite mass (all −inf, or Na
 import triton
 import triton.language as tl
 
-FORWARD_KL: tl.constexpr = 0
-REVERSE_KL: tl.constexpr = 1
-JSD: tl.constexpr = 2
-SKEW_FORWARD_KL: tl.constexpr = 3
-SKEW_REVERSE_KL: tl.constexpr = 4
-TVD: tl.constexpr = 5
+FORWARD_KL = tl.constexpr(0)
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SKEW_FORWARD_KL = tl.constexpr(3)
+SKEW_REVERSE_KL = tl.constexpr(4)
+TVD = tl.constexpr(5)
 DIVERGENCE_CODES = {
-    "forward_kl": FORWARD_KL,
-    "reverse_kl": REVERSE_KL,
-    "jsd": JSD,
-    "skew_forward_kl": SKEW_FORWARD_KL,
-    "skew_reverse_kl": SKEW_REVERSE_KL,
-    "tvd": TVD,
+    "forward_kl": FORWARD_KL.value,
+    "reverse_kl": REVERSE_KL.value,
+    "jsd": JSD.value,
+    "skew_forward_kl": SKEW_FORWARD_KL.value,
+    "skew_reverse_kl": SKEW_REVERSE_KL.value,
+    "tvd": TVD.value,
 }
 # Per-row statistics a forward launch leaves for the backward one: log-sum-exp of the student at T,
 # of the teacher at T, of the student at temperature 1, and C.
-NUM_STATS: tl.constexpr = 4
+NUM_STATS = tl.constexpr(4)
 
-NEG_INF: tl.constexpr = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _softcapped(x, cap, APPLY: tl.constexpr):
+def _softcapped(x, cap):
     """cap·tanh(x/cap), with tanh built from exp(−2|x|/cap) so that it never overflows."""
-    if APPLY:
-        decay = tl.exp(-2.0 * tl.abs(x) / cap)
-        magnitude = cap * (1.0 - decay) / (1.0 + decay)
-        x = tl.where(x < 0, -magnitude, magnitude)
-    return x
+    decay = tl.exp(-2.0 * tl.abs(x) / cap)
+    magnitude = cap * (1.0 - decay) / (1.0 + decay)
+    return tl.where(x < 0, -magnitude, magnitude)
 
 
 @triton.jit
 def _load_logits(row_ptr, cols, in_vocab, cap, SOFTCAP: tl.constexpr):
     x = tl.load(row_ptr + cols, mask=in_vocab, other=NEG_INF).to(tl.float32)
-    # columns past the vocabulary stay −inf (a capped −inf would be −cap)
-    return tl.where(in_vocab, _softcapped(x, cap, SOFTCAP), NEG_INF)
+    if SOFTCAP:
+        # columns past the vocabulary stay −inf (a capped −inf would be −cap)
+        x = tl.where(in_vocab, _softcapped(x, cap), NEG_INF)
+    return x
 
 
 @triton.jit
-def _online_step(running_max, x):
-    """One element per lane into a running (max, Σ exp(x − max)) with a single exp:
-    returns (new max, whether x became the max, exp(−|x − max|)); −inf entries weigh 0."""
+def _online_step(running_max, running_sum, x):
+    """One element per lane into a running (max, Σ exp(x − max)) with a single exp. Returns the
+    new max and sum, whether x became the max and exp(−|x − max|) for _accumulate; −inf weighs 0."""
     is_new_max = x > running_max
     weight = tl.exp(-tl.abs(x - running_max))
     weight = tl.where(x == NEG_INF, 0.0, weight)  # both −inf would give exp(nan)
-    return tl.where(is_new_max, x, running_max), is_new_max, weight
+    # a weight that underflowed to 0 leaves nothing of the old sum (and no 0·inf)
+    new_sum = tl.where(is_new_max, tl.where(weight > 0, running_sum * weight, 0.0) + 1.0, running_sum + weight)
+    return tl.where(is_new_max, x, running_max), new_sum, is_new_max, weight
 
 
 @triton.jit
@@ -187,17 +189,14 @@ def kd_rows_kernel(
             if HAS_SOFT:
                 z = x * inv_temperature
                 y = _load_logits(teacher_row, cols, in_vocab, softcap, SOFTCAP_TEACHER) * inv_temperature
-                max_s, new_s, weight_s = _online_step(max_s, z)
-                sum_s = _accumulate(sum_s, new_s, weight_s, 1.0)
-                max_t, new_t, weight_t = _online_step(max_t, y)
-                sum_t = _accumulate(sum_t, new_t, weight_t, 1.0)
+                max_s, sum_s, new_s, weight_s = _online_step(max_s, sum_s, z)
+                max_t, sum_t, new_t, weight_t = _online_step(max_t, sum_t, y)
                 if DIVERGENCE == FORWARD_KL:
                     cross = _accumulate(cross, new_t, weight_t, tl.where(y == NEG_INF, 0.0, y - z))
                 elif DIVERGENCE == REVERSE_KL:
                     cross = _accumulate(cross, new_s, weight_s, tl.where(z == NEG_INF, 0.0, z - y))
             if HAS_HARD and not HARD_SHARES_SOFT_STATS:
-                max_h, new_h, weight_h = _online_step(max_h, x)
-                sum_h = _accumulate(sum_h, new_h, weight_h, 1.0)
+                max_h, sum_h, _, _ = _online_step(max_h, sum_h, x)
 
         if HAS_SOFT:
             row_max_s, row_sum_s, cross_s = _merge_lanes(max_s, sum_s, cross)
@@ -242,7 +241,9 @@ def kd_rows_kernel(
         if HAS_HARD:
             label_in_vocab = (label >= 0) & (label < vocab)
             safe_label = tl.where(label_in_vocab, label, 0)
-            label_logit = _softcapped(tl.load(student_row + safe_label).to(tl.float32), softcap, SOFTCAP_STUDENT)
+            label_logit = tl.load(student_row + safe_label).to(tl.float32)
+            if SOFTCAP_STUDENT:
+                label_logit = _softcapped(label_logit, softcap)
             per_position += hard_weight * tl.where(label_in_vocab, lse_student_t1 - label_logit, float("nan"))
         tl.store(loss_ptr + row, tl.where(counted, per_position, 0.0))
 
