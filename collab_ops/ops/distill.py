@@ -492,3 +492,11 @@ register("fused_linear_kd_loss", "reference", reference.fused_linear_kd_loss)
 register("weak_to_strong_loss", "reference", reference.weak_to_strong_loss)
 register("attention_transfer_loss", "reference", reference.attention_transfer_loss)
 register("hidden_cosine_loss", "reference", reference.hidden_cosine_loss)
+
+# Triton backend (collab_ops/triton/distill.py): a dense teacher only; triton itself is imported
+# when a kernel first runs, so this registration costs nothing where triton is missing.
+from ..triton import distill as _triton_distill  # noqa: E402  (registered after the public ops)
+
+register("kd_loss", "triton", _triton_distill.kd_loss, supports=_triton_distill.kd_loss_supports)
+register("fused_linear_kd_loss", "triton", _triton_distill.fused_linear_kd_loss,
+         supports=_triton_distill.fused_linear_kd_loss_supports)
