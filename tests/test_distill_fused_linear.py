@@ -6,14 +6,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import collab_ops
-from collab_ops import _dispatch
 from collab_ops.ops import distill as ops
 from collab_ops.reference import distill as reference
 from tolerance import assert_close_to_reference
+from backends import cpu_backends
 
 OP = "fused_linear_kd_loss"
-BACKENDS = [b for b in ("reference", "cpu", "triton") if b in collab_ops.available_backends() and b in _dispatch.registered_backends(OP)]
+BACKENDS = cpu_backends(OP)
 DIVERGENCES = ops.DIVERGENCES
 # The triton kernels take a dense teacher only (their `supports` refuses teacher_indices).
 SPARSE_BACKENDS = [b for b in BACKENDS if b != "triton"]

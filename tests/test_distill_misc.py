@@ -7,19 +7,14 @@ import scipy.special as sp
 import torch
 import torch.nn.functional as F
 
-import collab_ops
-from collab_ops import _dispatch
 from collab_ops.ops import distill as ops
 from collab_ops.reference import distill as reference
+from backends import cpu_backends
 
 
-def backends(op):
-    return [b for b in ("reference", "cpu") if b in collab_ops.available_backends() and b in _dispatch.registered_backends(op)]
-
-
-W2S_BACKENDS = backends("weak_to_strong_loss")
-AT_BACKENDS = backends("attention_transfer_loss")
-COSINE_BACKENDS = backends("hidden_cosine_loss")
+W2S_BACKENDS = cpu_backends("weak_to_strong_loss")
+AT_BACKENDS = cpu_backends("attention_transfer_loss")
+COSINE_BACKENDS = cpu_backends("hidden_cosine_loss")
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 

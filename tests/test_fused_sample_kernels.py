@@ -5,12 +5,10 @@ import torch
 
 import collab_ops
 import fused_sample_checks as checks
-from collab_ops import _dispatch
 from collab_ops.ops.fusion import fused_sample
+from backends import cpu_backends
 
-BACKENDS = [
-    b for b in ("cpu",) if b in collab_ops.available_backends() and b in _dispatch.registered_backends("fused_sample")
-]
+BACKENDS = cpu_backends("fused_sample", candidates=("cpu",))
 CASES = list(checks.greedy_cases())
 
 

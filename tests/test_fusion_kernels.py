@@ -2,14 +2,12 @@
 import pytest
 
 import collab_ops
-from collab_ops import _dispatch
 from fusion_kernel_checks import check_dynamic_fusion_case, check_fusion_case, dynamic_fusion_cases, fusion_cases
+from backends import cpu_backends
 
 CASES = list(fusion_cases())
 DYNAMIC_CASES = list(dynamic_fusion_cases())
-CPU_BACKENDS = [
-    b for b in ("cpu",) if b in collab_ops.available_backends() and b in _dispatch.registered_backends("fuse_logits")
-]
+CPU_BACKENDS = cpu_backends("fuse_logits", candidates=("cpu",))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -23,11 +21,7 @@ def test_a_cpu_fusion_kernel_is_tested_when_the_extension_is_built():
         assert CPU_BACKENDS == ["cpu"]
 
 
-DYNAMIC_CPU_BACKENDS = [
-    b
-    for b in ("cpu",)
-    if b in collab_ops.available_backends() and b in _dispatch.registered_backends("dynamic_fusion_weights")
-]
+DYNAMIC_CPU_BACKENDS = cpu_backends("dynamic_fusion_weights", candidates=("cpu",))
 
 
 @pytest.mark.parametrize("backend", DYNAMIC_CPU_BACKENDS)

@@ -8,21 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import collab_ops
 import fusion_oracle as oracle
-from collab_ops import _dispatch, presets
 from collab_ops.ops.fusion import dynamic_fusion_weights, fuse_logits
 from collab_ops.reference import fusion as reference
+from collab_ops import presets
+from backends import cpu_backends
 
 
-def backends_for(op):
-    """The CPU-tensor backends of this build that have a kernel for `op`."""
-    available = collab_ops.available_backends()
-    return [b for b in ("reference", "cpu") if b in available and b in _dispatch.registered_backends(op)]
-
-
-BACKENDS = backends_for("fuse_logits")
-DYNAMIC_BACKENDS = backends_for("dynamic_fusion_weights")
+BACKENDS = cpu_backends("fuse_logits")
+DYNAMIC_BACKENDS = cpu_backends("dynamic_fusion_weights")
 # fp32 results against the float64 formula.
 TOL = dict(rtol=1e-5, atol=1e-5)
 # The float64 reference against the float64 formula.

@@ -10,15 +10,11 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-import collab_ops
 import fusion_oracle as oracle
-from collab_ops import _dispatch
 from collab_ops.ops.fusion import fused_sample
+from backends import cpu_backends
 
-BACKENDS = [
-    b for b in ("reference", "cpu")
-    if b in collab_ops.available_backends() and b in _dispatch.registered_backends("fused_sample")
-]
+BACKENDS = cpu_backends("fused_sample")
 DRAWS = 20_000
 FALSE_ALARM = 1e-4
 INF = float("inf")

@@ -10,16 +10,11 @@ import pytest
 import torch
 from scipy.special import log_softmax
 
-import collab_ops
-from collab_ops import _dispatch
 from collab_ops.ops.speculative import speculative_verify
 from collab_ops.reference import speculative as reference
+from backends import cpu_backends
 
-BACKENDS = [
-    backend
-    for backend in ("reference", "cpu")
-    if backend in collab_ops.available_backends() and backend in _dispatch.registered_backends("speculative_verify")
-]
+BACKENDS = cpu_backends("speculative_verify")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

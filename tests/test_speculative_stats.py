@@ -12,15 +12,10 @@ import pytest
 import torch
 from scipy import stats
 
-import collab_ops
-from collab_ops import _dispatch
 from collab_ops.ops.speculative import speculative_verify
+from backends import cpu_backends
 
-BACKENDS = [
-    backend
-    for backend in ("reference", "cpu")
-    if backend in collab_ops.available_backends() and backend in _dispatch.registered_backends("speculative_verify")
-]
+BACKENDS = cpu_backends("speculative_verify")
 
 ROWS = 20000
 FALSE_ALARM = 1e-6

@@ -2,15 +2,11 @@
 import pytest
 import torch
 
-import collab_ops
 from collab_ops import _dispatch
 from collab_ops.ops.speculative import speculative_verify
+from backends import cpu_backends
 
-BACKENDS = [
-    backend
-    for backend in ("reference", "cpu")
-    if backend in collab_ops.available_backends() and backend in _dispatch.registered_backends("speculative_verify")
-]
+BACKENDS = cpu_backends("speculative_verify")
 
 BATCH, NUM_DRAFTS, VOCAB = 4, 3, 10
 

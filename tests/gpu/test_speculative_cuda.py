@@ -6,7 +6,7 @@ import torch
 import collab_ops
 from collab_ops.ops.speculative import speculative_verify
 from speculative_kernel_checks import GREEDY_CASES, assert_same_as_reference, greedy_case, invalid_row_case, to_device
-from test_speculative_stats import DRAFT, NUM_DRAFTS, ROWS, TARGET, assert_lossless, per_row, sample_drafts
+from test_speculative_stats import DRAFT, NUM_DRAFTS, TARGET, assert_lossless, per_row, sample_drafts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
