@@ -7,6 +7,16 @@ TORCH_LIBRARY(collab_ops, m) {
   m.def(
       "fuse_logits(Tensor[] logits, Tensor weights, float[] temperatures, bool normalize, "
       "float? plausibility_alpha, int plausibility_ref, int vocab_size, bool output_logprobs) -> Tensor");
+  // kd_loss: per-position losses plus the per-row constants (student, teacher and hard-term
+  // log-sum-exp, Σ ∂L/∂log q) from which the backward recomputes the gradient.
+  m.def(
+      "kd_loss_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, float beta, "
+      "float temperature, float soft_scale, float hard_weight, int ignore_index, int vocab_size) "
+      "-> (Tensor per_position_loss, Tensor row_stats)");
+  m.def(
+      "kd_loss_backward(Tensor grad_per_position, Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor row_stats, str divergence, float beta, float temperature, float soft_scale, float hard_weight, "
+      "int ignore_index, int vocab_size) -> Tensor grad_student_logits");
 }
 
 PYBIND11_MODULE(_C, module) {
