@@ -9,6 +9,29 @@
 namespace collab_ops {
 namespace {
 
+// The kernels are compute-bound (exp/log per token), so the row loops are also compiled for
+// AVX2 and AVX-512 and the loader picks the best the CPU has. `flatten` inlines the whole kernel
+// into each clone. setup.py turns FMA contraction off, so every clone gives the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define COLLAB_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define COLLAB_CPU_CLONES
+#endif
+
+COLLAB_CPU_CLONES void kd_loss_forward_rows(const KdLossParams& p, int64_t begin, int64_t end, float* loss,
+                                            float* stats) {
+  cpu::KdTiles tiles;
+  for (int64_t row = begin; row < end; ++row) cpu::kd_loss_forward_row(p, row, tiles, loss, stats);
+}
+
+COLLAB_CPU_CLONES void kd_loss_backward_rows(const KdLossParams& p, int64_t begin, int64_t end, const float* upstream,
+                                             int64_t upstream_stride, const float* stats, void* grad,
+                                             ScalarKind grad_kind, int64_t columns) {
+  cpu::KdTiles tiles;
+  for (int64_t row = begin; row < end; ++row)
+    cpu::kd_loss_backward_row(p, row, upstream[row * upstream_stride], stats, tiles, grad, grad_kind, columns, columns);
+}
+
 // Rows per task: enough columns per task that short rows do not drown in scheduling.
 int64_t rows_per_task(int64_t vocab) { return std::max<int64_t>(1, cpu::kKdTile * 8 / std::max<int64_t>(vocab, 1)); }
 
@@ -26,10 +49,8 @@ std::tuple<at::Tensor, at::Tensor> kd_loss_forward_cpu(const at::Tensor& student
   at::Tensor row_stats = at::empty({p.rows, kKdRowStats}, fp32);
   float* loss = per_position_loss.data_ptr<float>();
   float* stats = row_stats.data_ptr<float>();
-  at::parallel_for(0, p.rows, rows_per_task(p.vocab), [&](int64_t begin, int64_t end) {
-    cpu::KdTiles tiles;
-    for (int64_t row = begin; row < end; ++row) cpu::kd_loss_forward_row(p, row, tiles, loss, stats);
-  });
+  at::parallel_for(0, p.rows, rows_per_task(p.vocab),
+                   [&](int64_t begin, int64_t end) { kd_loss_forward_rows(p, begin, end, loss, stats); });
   return {per_position_loss, row_stats};
 }
 
@@ -59,10 +80,7 @@ at::Tensor kd_loss_backward_cpu(const at::Tensor& grad_per_position, const at::T
   void* grad_data = grad_student.data_ptr();
   const int64_t columns = grad_student.size(1);
   at::parallel_for(0, p.rows, rows_per_task(columns), [&](int64_t begin, int64_t end) {
-    cpu::KdTiles tiles;
-    for (int64_t row = begin; row < end; ++row)
-      cpu::kd_loss_backward_row(p, row, upstream_data[row * upstream_stride], stats_data, tiles, grad_data, grad_kind,
-                                columns, columns);
+    kd_loss_backward_rows(p, begin, end, upstream_data, upstream_stride, stats_data, grad_data, grad_kind, columns);
   });
   return grad_student;
 }

@@ -52,22 +52,30 @@ inline double tile_sum(const float* x, int64_t padded) {
 // rows stay NaN even where every other entry is −inf. Written with GCC/Clang vector types: without
 // -ffinite-math-only GCC does not vectorise a float max from plain loops.
 inline float nan_sticky_max(const float* x, int64_t padded) {
-  typedef float Floats __attribute__((vector_size(kKdLanes * sizeof(float))));
-  typedef int32_t Mask __attribute__((vector_size(kKdLanes * sizeof(float))));
-  Floats max_lanes = Floats{} - INFINITY;
-  Mask nan_lanes = Mask{};
-  for (int64_t i = 0; i < padded; i += kKdLanes) {
-    Floats v;
-    std::memcpy(&v, x + i, sizeof(v));
-    max_lanes = v > max_lanes ? v : max_lanes;
-    nan_lanes |= v != v;
+  // 16-byte vectors: GCC lowers wider ones element by element on baseline x86-64.
+  typedef float Floats __attribute__((vector_size(16)));
+  typedef int32_t Mask __attribute__((vector_size(16)));
+  constexpr int64_t kWidth = 4, kVectors = kKdLanes / kWidth;
+  Floats max_lanes[kVectors];
+  Mask nan_lanes[kVectors];
+  for (int64_t k = 0; k < kVectors; ++k) {
+    max_lanes[k] = Floats{} - INFINITY;
+    nan_lanes[k] = Mask{};
   }
+  for (int64_t i = 0; i < padded; i += kKdLanes)
+    for (int64_t k = 0; k < kVectors; ++k) {
+      Floats v;
+      std::memcpy(&v, x + i + k * kWidth, sizeof(v));
+      max_lanes[k] = v > max_lanes[k] ? v : max_lanes[k];
+      nan_lanes[k] |= v != v;
+    }
   float result = -INFINITY;
   bool has_nan = false;
-  for (int64_t l = 0; l < kKdLanes; ++l) {
-    result = std::max(result, max_lanes[l]);
-    has_nan |= nan_lanes[l] != 0;
-  }
+  for (int64_t k = 0; k < kVectors; ++k)
+    for (int64_t l = 0; l < kWidth; ++l) {
+      result = std::max(result, max_lanes[k][l]);
+      has_nan |= nan_lanes[k][l] != 0;
+    }
   return has_nan ? NAN : result;
 }
 
