@@ -16,6 +16,16 @@ TORCH_LIBRARY(collab_ops, m) {
       "speculative_verify(Tensor draft_tokens, Tensor[] targets, Tensor target_weights, Tensor? draft, "
       "Tensor num_draft_tokens, bool inputs_are_logits, float temperature, bool greedy, Tensor seed) "
       "-> (Tensor, Tensor, Tensor)");
+  // kd_loss: per-position losses plus the per-row constants (student, teacher and hard-term
+  // log-sum-exp, Σ ∂L/∂log q) from which the backward recomputes the gradient.
+  m.def(
+      "kd_loss_forward(Tensor student_logits, Tensor teacher_logits, Tensor? labels, str divergence, float beta, "
+      "float temperature, float soft_scale, float hard_weight, int ignore_index, int vocab_size) "
+      "-> (Tensor per_position_loss, Tensor row_stats)");
+  m.def(
+      "kd_loss_backward(Tensor grad_per_position, Tensor student_logits, Tensor teacher_logits, Tensor? labels, "
+      "Tensor row_stats, str divergence, float beta, float temperature, float soft_scale, float hard_weight, "
+      "int ignore_index, int vocab_size) -> Tensor grad_student_logits");
 }
 
 PYBIND11_MODULE(_C, module) {

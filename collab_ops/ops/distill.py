@@ -62,6 +62,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .. import _availability
 from .. import _validation as check
 from .._dispatch import dispatch, register
 from ..reference import distill as reference
@@ -500,3 +501,58 @@ from ..triton import distill as _triton_distill  # noqa: E402  (registered after
 register("kd_loss", "triton", _triton_distill.kd_loss, supports=_triton_distill.kd_loss_supports)
 register("fused_linear_kd_loss", "triton", _triton_distill.fused_linear_kd_loss,
          supports=_triton_distill.fused_linear_kd_loss_supports)
+
+# Compiled CPU kernel of kd_loss (csrc/cpu/kd_loss.h): the op gives per-position losses, the
+# reduction stays in torch (no host synchronisation), and autograd reaches the student only.
+_KD_ROW_STATS = 4  # kKdRowStats in csrc/common/divergence.h
+
+
+def _compiled_kd_refusal(*, teacher_indices, **_) -> Optional[str]:
+    return "the cpu kd kernel takes dense teachers" if teacher_indices is not None else None
+
+
+def _compiled_kd_loss(
+    *, student_logits, teacher_logits, labels, teacher_indices, divergence, beta, temperature, scale_by_t2,
+    soft_weight, hard_weight, ignore_index, reduction, num_items_in_batch, vocab_size,
+) -> torch.Tensor:
+    soft_scale = soft_weight * temperature**2 if scale_by_t2 else soft_weight
+    per_position, _ = torch.ops.collab_ops.kd_loss_forward(
+        student_logits, teacher_logits, labels, divergence, beta, temperature, soft_scale, hard_weight,
+        ignore_index, vocab_size,
+    )
+    counted = reference.counted_positions(labels, ignore_index, per_position.shape[0], per_position.device)
+    return reference.reduce_positions(per_position, counted, reduction, num_items_in_batch)
+
+
+def _kd_loss_setup_context(ctx, inputs, output):
+    student_logits, teacher_logits, labels, *ctx.options = inputs
+    ctx.save_for_backward(student_logits, teacher_logits, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _kd_loss_backward(ctx, grad_per_position, _grad_row_stats):
+    student_logits, teacher_logits, labels, row_stats = ctx.saved_tensors
+    grad_student = None
+    if ctx.needs_input_grad[0]:
+        grad_student = torch.ops.collab_ops.kd_loss_backward(
+            grad_per_position, student_logits, teacher_logits, labels, row_stats, *ctx.options
+        )
+    return (grad_student,) + (None,) * (2 + len(ctx.options))
+
+
+if _availability.extension() is not None:
+
+    @torch.library.register_fake("collab_ops::kd_loss_forward")
+    def _kd_loss_forward_fake(student_logits, teacher_logits, labels, *_options):
+        rows = student_logits.shape[0]
+        return (student_logits.new_empty((rows,), dtype=torch.float32),
+                student_logits.new_empty((rows, _KD_ROW_STATS), dtype=torch.float32))
+
+    @torch.library.register_fake("collab_ops::kd_loss_backward")
+    def _kd_loss_backward_fake(grad_per_position, student_logits, *_inputs_and_options):
+        return student_logits.new_empty(student_logits.shape)
+
+    torch.library.register_autograd(
+        "collab_ops::kd_loss_forward", _kd_loss_backward, setup_context=_kd_loss_setup_context
+    )
+    register("kd_loss", "cpu", _compiled_kd_loss, supports=_compiled_kd_refusal)

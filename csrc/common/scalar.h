@@ -24,6 +24,16 @@ COLLAB_HD float bits_to_float(uint32_t bits) {
 #endif
 }
 
+COLLAB_HD uint32_t float_to_bits(float value) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(value);
+#else
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+#endif
+}
+
 COLLAB_HD float bfloat16_to_float(uint16_t bits) { return bits_to_float(static_cast<uint32_t>(bits) << 16); }
 
 // IEEE binary16 to binary32, exact for every input (subnormals, inf, NaN).
@@ -37,6 +47,29 @@ COLLAB_HD float float16_to_float(uint16_t half) {
   // Subnormal half: value = mantissa * 2^-24, exactly representable in float.
   const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-08f;
   return sign ? -magnitude : magnitude;
+}
+
+// Round to nearest even, as torch's .to(bfloat16); NaN stays a quiet NaN. Branch-free so that
+// the store loops vectorise.
+COLLAB_HD uint16_t float_to_bfloat16(float value) {
+  const uint32_t bits = float_to_bits(value);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return static_cast<uint16_t>(value != value ? (bits >> 16) | 0x40u : rounded);
+}
+
+// Round to nearest even with overflow to inf, subnormal halves and NaN kept (F. Giesen's
+// float_to_half_fast3_rtne with the branches turned into selects).
+COLLAB_HD uint16_t float_to_float16(float value) {
+  const uint32_t bits = float_to_bits(value);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t magnitude = bits & 0x7fffffffu;
+  const uint32_t inf_or_nan = magnitude > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // Adding 0.5f (exponent 126) shifts a subnormal half's mantissa into place and lets the FPU round.
+  const uint32_t subnormal = float_to_bits(bits_to_float(magnitude) + 0.5f) - 0x3f000000u;
+  // Rebias the exponent (-112 << 23) and round the 13 dropped bits to nearest even.
+  const uint32_t normal = (magnitude + 0xc8000fffu + ((magnitude >> 13) & 1u)) >> 13;
+  const uint32_t half = magnitude >= 0x47800000u ? inf_or_nan : (magnitude < 0x38800000u ? subnormal : normal);
+  return static_cast<uint16_t>(half | sign);
 }
 
 COLLAB_HD float load_as_float(const void* base, ScalarKind kind, int64_t index) {

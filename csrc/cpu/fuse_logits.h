@@ -7,32 +7,12 @@
 #include <cstdint>
 
 #include "common/fusion.h"
+#include "cpu/tiles.h"
 
 namespace collab_ops {
 namespace cpu {
 
 constexpr int64_t kFusionTile = 1024;
-
-// dst[i] = src[offset + i] * scale for i < count, converting from the input's dtype.
-inline void load_scaled_tile(const void* src, ScalarKind kind, int64_t offset, int64_t count, float scale,
-                             float* dst) {
-  switch (kind) {
-    case ScalarKind::kBFloat16: {
-      const uint16_t* in = static_cast<const uint16_t*>(src) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = bfloat16_to_float(in[i]) * scale;
-      break;
-    }
-    case ScalarKind::kFloat16: {
-      const uint16_t* in = static_cast<const uint16_t*>(src) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = float16_to_float(in[i]) * scale;
-      break;
-    }
-    default: {
-      const float* in = static_cast<const float*>(src) + offset;
-      for (int64_t i = 0; i < count; ++i) dst[i] = in[i] * scale;
-    }
-  }
-}
 
 inline void load_model_tile(const FusionParams& p, int k, int64_t row, int64_t col, int64_t count, float* dst) {
   load_scaled_tile(p.logits[k], p.kind[k], row * p.row_stride[k] + col, count, p.inv_temperature[k], dst);
