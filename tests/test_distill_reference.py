@@ -14,12 +14,11 @@ from collab_ops.ops import distill as ops
 from collab_ops.reference import distill as reference
 from tolerance import assert_close_to_reference
 from backends import cpu_backends
+from collab_ops import BackendUnavailableError
 
 OP = "kd_loss"
 BACKENDS = cpu_backends(OP)
 DIVERGENCES = ops.DIVERGENCES
-# The triton kernels take a dense teacher only (their `supports` refuses teacher_indices).
-SPARSE_BACKENDS = [b for b in BACKENDS if b != "triton"]
 # beta per divergence for the generic tests (it only matters for the mixtures)
 BETA = {"jsd": 0.3, "skew_forward_kl": 0.1, "skew_reverse_kl": 0.25}
 
@@ -117,7 +116,7 @@ def skip_if_sparse_teacher_refused(backend):
     student, log_probs = torch.zeros(1, 3), torch.zeros(1, 1)
     try:
         ops.kd_loss(student, log_probs, teacher_indices=torch.zeros(1, 1, dtype=torch.int64), backend=backend)
-    except collab_ops.BackendUnavailableError as refusal:
+    except BackendUnavailableError as refusal:
         pytest.skip(str(refusal))
 
 
@@ -270,7 +269,7 @@ def test_ignored_rows_may_hold_anything(backend):
         torch.testing.assert_close(losses[clean].double(), torch.from_numpy(values), **FP32_TOL)
 
 
-@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_sparse_teacher_matches_collapsed_formula(backend, divergence):
     skip_if_sparse_teacher_refused(backend)
@@ -284,7 +283,7 @@ def test_sparse_teacher_matches_collapsed_formula(backend, divergence):
                          beta=BETA.get(divergence, 0.5), temperature=2.0, hard_weight=0.2)
 
 
-@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_sparse_teacher_over_the_whole_vocabulary_equals_dense(backend, divergence):
     skip_if_sparse_teacher_refused(backend)
@@ -298,7 +297,7 @@ def test_sparse_teacher_over_the_whole_vocabulary_equals_dense(backend, divergen
     torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_teacher_bad_ids_give_nan_at_their_position_only(backend):
     skip_if_sparse_teacher_refused(backend)
     student = logits(5, 10, seed=32)
