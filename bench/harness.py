@@ -353,7 +353,8 @@ class RunOptions:
     quick: bool = False
     only: Optional[list[str]] = None
     out_dir: Path = DEFAULT_OUT_DIR
-    compile_baseline: bool = True
+    # Benchmarks (names or families) that time the torch.compile baseline: None for all, [] for none.
+    compile_for: Optional[list[str]] = None
     time_budget_s: Optional[float] = None
 
 
@@ -384,13 +385,14 @@ class _CaseRunner:
         self.ceiling_gbps = ceiling_gbps
         self.device = options.device
 
-    def implementations(self, case: Case) -> list[tuple[str, CallOrReason, bool]]:
+    def implementations(self, bench: Benchmark, case: Case) -> list[tuple[str, CallOrReason, bool]]:
         """(impl name, call or reason, whether to observe dispatch), baseline first."""
         eager = functools.partial(case.eager, *case.eager_args)
+        compile_for = self.options.compile_for
         if self.device.type != "cuda":
             compiled: CallOrReason = "not timed on CPU: compiling takes longer than the run on a small CPU"
-        elif not self.options.compile_baseline:
-            compiled = "disabled with --no-compile"
+        elif compile_for is not None and not any(_names(bench, wanted) for wanted in compile_for):
+            compiled = "not selected for the torch.compile baseline in this run (--no-compile or --compile-only)"
         else:
             compiled = self._compiled(case)
         rows = [(EAGER, eager, False), (COMPILED, compiled, False), (OURS, case.ours, True)]
@@ -456,7 +458,7 @@ class _CaseRunner:
         }
         _progress(f"{bench.name}  {case.shape} {common['dtype']} {case.mode}:")
         records: list[dict] = []
-        for impl, call, observe in self.implementations(case):
+        for impl, call, observe in self.implementations(bench, case):
             record = {**common, **self.measure(case, impl, call, observe)}
             eager = records[0] if records else record  # the eager baseline is measured first
             if record["status"] == "ok" and eager["status"] == "ok":
@@ -490,6 +492,11 @@ def shape_text(shape: dict) -> str:
     return " ".join(f"{key}={value}" for key, value in shape.items())
 
 
+def _names(bench: Benchmark, wanted: str) -> bool:
+    """Whether `wanted` is the benchmark's full name or its family (the part before the dot)."""
+    return bench.name == wanted or bench.name.split(".")[0] == wanted
+
+
 def select_benchmarks(only: Optional[list[str]]) -> list[Benchmark]:
     """The registered benchmarks named in `only` (full names or the family before the dot), or all."""
     import bench.benchmarks  # noqa: F401  (registers the benchmarks)
@@ -498,7 +505,7 @@ def select_benchmarks(only: Optional[list[str]]) -> list[Benchmark]:
         return list(REGISTRY.values())
     chosen = []
     for wanted in only:
-        matches = [b for b in REGISTRY.values() if b.name == wanted or b.name.split(".")[0] == wanted]
+        matches = [b for b in REGISTRY.values() if _names(b, wanted)]
         if not matches:
             raise ValueError(f"no benchmark named {wanted!r}; known: {', '.join(REGISTRY)}")
         chosen += [b for b in matches if b not in chosen]
@@ -524,7 +531,7 @@ def run(options: RunOptions) -> dict:
         "run": {
             "quick": options.quick,
             "benchmarks": [b.name for b in benchmarks],
-            "compile_baseline": options.compile_baseline,
+            "compile_for": options.compile_for,
             "time_budget_s": options.time_budget_s,
         },
         "copy_ceiling": ceiling,
@@ -569,6 +576,10 @@ def run(options: RunOptions) -> dict:
     return results
 
 
+def _comma_list(text: Optional[str]) -> Optional[list[str]]:
+    return [name.strip() for name in text.split(",") if name.strip()] if text else None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m collab_ops bench",
@@ -580,6 +591,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help=f"output folder (default {DEFAULT_OUT_DIR})")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available, else cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline (it compiles every case)")
+    parser.add_argument("--compile-only", metavar="NAMES",
+                        help="time the torch.compile baseline only for these benchmark names or families")
     parser.add_argument("--time-budget", type=float, metavar="SECONDS",
                         help="start no new case after this many seconds; the rest are recorded as skipped")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and their shapes, then exit")
@@ -593,7 +606,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("--device cuda: no CUDA device is visible to torch", file=sys.stderr)
         return 2
     device = torch.device(device_type)
-    only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
+    only = _comma_list(args.only)
     try:
         benchmarks = select_benchmarks(only)
     except ValueError as exc:
@@ -611,7 +624,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             quick=args.quick,
             only=only,
             out_dir=args.out,
-            compile_baseline=not args.no_compile,
+            compile_for=[] if args.no_compile else _comma_list(args.compile_only),
             time_budget_s=args.time_budget,
         )
     )

@@ -52,7 +52,7 @@ def _tensor(generator, *shape, dtype, device, scale=1.0, requires_grad=False) ->
 
 @benchmark(
     "distill.fused_linear_jsd",
-    cuda=[dict(N=4096, H=4096, V=LLAMA3_VOCAB)],
+    cuda=[dict(N=512, H=4096, V=LLAMA3_VOCAB), dict(N=4096, H=4096, V=LLAMA3_VOCAB)],
     cpu=[dict(N=1024, H=256, V=32000)],
     quick=[dict(N=128, H=64, V=4096)],
 )
