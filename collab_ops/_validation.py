@@ -114,7 +114,7 @@ def canonical_seed(name: str, seed, *, device: torch.device, batch: int) -> torc
     scalar or [batch] tensor on `device` (per-row seeds). Nothing here reads a device value.
     """
     if seed is None:
-        return torch.randint(0, 2**63 - 1, (), dtype=torch.int64).to(device)
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     if isinstance(seed, torch.Tensor):
         check_tensor(name, seed, dtypes=INDEX_DTYPES)
         if seed.dim() > 1 or (seed.dim() == 1 and seed.shape[0] != batch):
@@ -125,4 +125,5 @@ def canonical_seed(name: str, seed, *, device: torch.device, batch: int) -> torc
     seed = check_int(name, seed)
     if not -(2**63) <= seed < 2**63:
         raise ValueError(f"{name} must fit in int64, got {seed}")
-    return torch.tensor(seed, dtype=torch.int64, device=device)
+    # A fill kernel, not a host-to-device copy: no synchronisation, and capturable in a CUDA graph.
+    return torch.full((), seed, dtype=torch.int64, device=device)

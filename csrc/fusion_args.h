@@ -40,6 +40,30 @@ inline LogitRows checked_logit_rows(const at::Tensor& t, const std::string& name
   return LogitRows{rows.data_ptr(), scalar_kind(rows, name), rows.stride(0)};
 }
 
+// Weights are either a [num_models] float32 CPU tensor of per-model constants, read here on the
+// host, or a [batch, num_models] float32 tensor of per-row weights on the inputs' device. Returns
+// the per-row pointer (nullptr for constants) and fills `values` with the constants.
+inline const float* read_model_weights(const at::Tensor& weights, const char* name, int64_t batch, int64_t num_models,
+                                       const at::Device& device, float* values, int64_t& row_stride,
+                                       int64_t& col_stride) {
+  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat, name, " must be float32");
+  if (weights.dim() == 1) {
+    TORCH_CHECK_VALUE(weights.device().is_cpu() && weights.size(0) == num_models, name,
+                      " given per model must be a CPU tensor of ", num_models, " values, got ", weights.sizes(),
+                      " on ", weights.device());
+    const at::Tensor host = weights.contiguous();
+    for (int64_t k = 0; k < num_models; ++k) values[k] = host.data_ptr<float>()[k];
+    row_stride = col_stride = 0;
+    return nullptr;
+  }
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == batch && weights.size(1) == num_models, name,
+                    " given per row must have shape [", batch, ", ", num_models, "], got ", weights.sizes());
+  TORCH_CHECK_VALUE(weights.device() == device, name, " given per row must be on ", device);
+  row_stride = weights.stride(0);
+  col_stride = weights.stride(1);
+  return weights.data_ptr<float>();
+}
+
 // Fills everything but the output pointer; `keep_alive` holds the inputs that were copied
 // because their last dimension was strided, so they outlive the launch.
 inline FusionParams make_fusion_params(const std::vector<at::Tensor>& logits, const at::Tensor& weights,
@@ -56,10 +80,6 @@ inline FusionParams make_fusion_params(const std::vector<at::Tensor>& logits, co
   TORCH_CHECK_VALUE(first.dim() == 2, "logits[0] must be 2-D [batch, vocab]");
   const int64_t batch = first.size(0);
   TORCH_CHECK_VALUE(vocab_size >= 1, "vocab_size must be >= 1, got ", vocab_size);
-  TORCH_CHECK_TYPE(weights.scalar_type() == at::kFloat, "weights must be float32");
-  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(0) == batch && weights.size(1) == num_models,
-                    "weights must have shape [", batch, ", ", num_models, "], got ", weights.sizes());
-  TORCH_CHECK_VALUE(weights.device() == first.device(), "weights must be on ", first.device());
 
   FusionParams p{};
   p.num_models = static_cast<int32_t>(num_models);
@@ -75,9 +95,8 @@ inline FusionParams make_fusion_params(const std::vector<at::Tensor>& logits, co
     p.row_stride[k] = rows.row_stride;
     p.inv_temperature[k] = static_cast<float>(1.0 / temperatures[k]);
   }
-  p.weights = weights.data_ptr<float>();
-  p.weight_row_stride = weights.stride(0);
-  p.weight_col_stride = weights.stride(1);
+  p.weights = read_model_weights(weights, "weights", batch, num_models, first.device(), p.weight_values,
+                                 p.weight_row_stride, p.weight_col_stride);
   p.normalize = normalize;
   p.output_logprobs = output_logprobs;
   p.use_plausibility = plausibility_alpha.has_value();

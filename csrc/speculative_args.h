@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/speculative.h"
+#include "fusion_args.h"
 
 namespace collab_ops {
 
@@ -82,14 +83,8 @@ inline SpeculativeParams make_speculative_params(const at::Tensor& draft_tokens,
     p.target_batch_stride[k] = targets[k].stride(0);
     p.target_position_stride[k] = targets[k].stride(1);
   }
-  TORCH_CHECK_TYPE(target_weights.scalar_type() == at::kFloat, "target_weights must be float32");
-  TORCH_CHECK_VALUE(target_weights.dim() == 2 && target_weights.size(0) == batch &&
-                        target_weights.size(1) == num_targets,
-                    "target_weights must have shape [", batch, ", ", num_targets, "], got ", target_weights.sizes());
-  TORCH_CHECK_VALUE(target_weights.device() == device, "target_weights must be on ", device);
-  p.target_weights = target_weights.data_ptr<float>();
-  p.weight_row_stride = target_weights.stride(0);
-  p.weight_col_stride = target_weights.stride(1);
+  p.target_weights = read_model_weights(target_weights, "target_weights", batch, num_targets, device,
+                                        p.target_weight_values, p.weight_row_stride, p.weight_col_stride);
   if (draft.has_value()) {
     check_scores(*draft, "draft", batch, num_drafts, vocab, dtype, device);
     p.draft = draft->data_ptr();

@@ -42,7 +42,7 @@ def liger_call(student_hidden, student_weight, teacher_hidden, teacher_weight, d
     except Exception as exc:
         return f"liger_kernel does not import ({type(exc).__name__}: {exc})"
     loss = LigerFusedLinearJSD(jsd_beta=JSD_BETA)
-    return lambda: loss(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    return lambda: loss(student_hidden, student_weight, teacher_hidden, teacher_weight, None)  # no shift_labels
 
 
 def _tensor(generator, *shape, dtype, device, scale=1.0, requires_grad=False) -> torch.Tensor:

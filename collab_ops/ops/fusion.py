@@ -11,8 +11,10 @@ by `collab_ops._dispatch`. Every backend implementation is called positionally w
     dynamic_fusion_weights(large, experts, base, grid, vocab_size) -> Tensor[B, T] float32
 
 where `logits` is a list of the caller's `[B, V_k]` tensors (original dtypes and strides, never
-cast or copied), `weights` a float32 `[B, K]` tensor on their device (a list of K floats becomes an
-expanded, stride-0 view), `temperatures` a list of K floats, `plausibility_alpha` None or a float,
+cast or copied), `weights` float32: a `[B, K]` tensor of per-row weights on their device, or, for
+a list of K floats, a `[K]` CPU tensor that the kernels read on the host and pass by value (a
+device tensor would cost a synchronising host-to-device copy per call and could not be captured in
+a CUDA graph), `temperatures` a list of K floats, `plausibility_alpha` None or a float,
 `plausibility_ref` and `vocab_size` ints, `seed` an int64 tensor of shape () or [B] on the
 device (None exactly when `greedy`), `grid` a float32 `[G]` tensor on the device. The same
 arguments, by name, are the `case` that a backend's `supports(**case)` sees, so a kernel can
@@ -98,7 +100,7 @@ def _canonical_weights(weights: Weights, num_models: int, batch: int, device: to
     if len(weights) != num_models:
         raise ValueError(f"weights has {len(weights)} entries but logits has K={num_models} models")
     values = [check_real(f"weights[{k}]", w) for k, w in enumerate(weights)]
-    return torch.tensor(values, dtype=torch.float32, device=device).expand(batch, num_models)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def _canonical_temperatures(temperatures, num_models: int) -> list[float]:

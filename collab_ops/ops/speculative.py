@@ -14,7 +14,8 @@ Canonical implementation signature, registered with
     draft_tokens       int64 [B, K], contiguous. Ids at positions >= num_draft_tokens[b] are
                        never read as tokens (ragged rows may pad with anything).
     targets            tuple of T >= 1 tensors [B, K+1, V].
-    target_weights     float32 [B, T]; often a stride-0 expanded view of T weights.
+    target_weights     float32: [B, T] per-row weights on the device (possibly a stride-0 view), or
+                       [T] on the CPU for Python floats, read on the host by the kernels.
     draft              None (q one-hot at the draft ids) or a tensor [B, K, V].
     num_draft_tokens   int64 [B], contiguous; values are unchecked and may lie outside [0, K].
     inputs_are_logits  bool: softmax(x / temperature) per model, else probabilities.
@@ -210,7 +211,8 @@ def _check_seed(seed, batch: int) -> None:
 
 
 def _canonical_weights(target_weights, num_targets: int, batch: int, device: torch.device) -> torch.Tensor:
-    """float32 [B, T] on `device`; T Python weights become a stride-0 view of one small tensor."""
+    """float32 [B, T] on `device` for per-row weights; T Python weights become a [T] CPU tensor,
+    which the kernels read on the host and pass by value (no synchronising host-to-device copy)."""
     if target_weights is None:
         if num_targets > 1:
             raise ValueError(f"target_weights is required to fuse {num_targets} targets")
@@ -230,7 +232,7 @@ def _canonical_weights(target_weights, num_targets: int, batch: int, device: tor
     if len(target_weights) != num_targets:
         raise ValueError(f"target_weights has {len(target_weights)} weights but there are {num_targets} targets")
     values = [check_real(f"target_weights[{index}]", weight) for index, weight in enumerate(target_weights)]
-    return torch.tensor(values, dtype=torch.float32, device=device)[None, :].expand(batch, num_targets)
+    return torch.tensor(values, dtype=torch.float32)
 
 
 def _common_float_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -254,7 +256,8 @@ def _row_seeds(seed, batch: int, device: torch.device, greedy: bool) -> torch.Te
     if isinstance(seed, torch.Tensor) and seed.dim() == 1:
         return seed.to(torch.int64).contiguous()
     if isinstance(seed, int):
-        base = torch.tensor(_as_int64(seed), dtype=torch.int64, device=device)
+        # A fill kernel, not a host-to-device copy: no synchronisation, and capturable.
+        base = torch.full((), _as_int64(seed), dtype=torch.int64, device=device)
     else:
         base = seed.to(torch.int64)
     return base + torch.arange(batch, dtype=torch.int64, device=device) * _ROW_SEED_STRIDE
@@ -268,9 +271,10 @@ def _as_int64(value: int) -> int:
 
 def _describe_invalid_rows(case: dict, invalid_rows: torch.Tensor) -> str:
     """Names each invalid row with the reasons the reference finds for it (error path only)."""
-    rows_case = {
-        name: value[invalid_rows] if isinstance(value, torch.Tensor) else value for name, value in case.items()
-    }
+    per_row = ("draft_tokens", "draft", "num_draft_tokens", "seed") + (
+        ("target_weights",) if case["target_weights"].dim() == 2 else ()
+    )
+    rows_case = {name: case[name][invalid_rows] if name in per_row and case[name] is not None else case[name] for name in case}
     targets = tuple(target[invalid_rows] for target in case["targets"])
     draft = rows_case["draft"]
     vocab_size = targets[0].shape[-1]

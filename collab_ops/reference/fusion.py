@@ -30,6 +30,14 @@ import torch
 NO_TOKEN = -1
 
 
+def per_row_weights(weights: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """[B, K] weights on `device` from the canonical form: [B, K] per-row weights on the device, or
+    [K] per-model constants on the CPU (which the kernels take by value)."""
+    if weights.dim() == 1:
+        return weights.to(device)[None, :].expand(batch, -1)
+    return weights
+
+
 def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -54,7 +62,7 @@ def fused_scores(
     dtype = _compute_dtype(*logits)
     batch = logits[0].shape[0]
     device = logits[0].device
-    row_weights = weights.to(dtype)
+    row_weights = per_row_weights(weights, batch, device).to(dtype)
     scores = torch.zeros(batch, vocab_size, dtype=dtype, device=device)
     poisoned = torch.zeros(batch, dtype=torch.bool, device=device)
 

@@ -61,7 +61,7 @@ def fused_target_probs(
     inputs_are_logits: bool,
     temperature: float,
 ) -> torch.Tensor:
-    """p [B, K+1, V] float64 from T targets [B, K+1, V] and per-row weights [B, T].
+    """p [B, K+1, V] float64 from T targets [B, K+1, V] and weights ([B, T] per row, or [T] on the CPU).
 
     Every (row, position) is one fuse_logits row, so the target is fused exactly as fuse_logits
     fuses (exclusions, weight-0 models, NaN rows)."""
@@ -73,7 +73,9 @@ def fused_target_probs(
         scores_per_model.append(values if inputs_are_logits else torch.log(values))
     fused = fusion.fuse_logits(
         scores_per_model,
-        target_weights.to(torch.float64).repeat_interleave(positions, dim=0),
+        fusion.per_row_weights(target_weights, batch, targets[0].device).to(torch.float64).repeat_interleave(
+            positions, dim=0
+        ),
         temperatures=[temperature if inputs_are_logits else 1.0] * len(targets),
         normalize=True,
         plausibility_alpha=None,

@@ -18,9 +18,12 @@ struct FusionParams {
   ScalarKind kind[kMaxFusedModels];
   int64_t row_stride[kMaxFusedModels];  // in elements; columns are contiguous
   float inv_temperature[kMaxFusedModels];
-  const float* weights;  // [batch, num_models] fp32, any strides (stride 0 broadcasts a row)
+  // Per-row weights [batch, num_models] fp32 (any strides), or nullptr: the same weight_values
+  // for every row, passed by value so that no host-to-device copy precedes the launch.
+  const float* weights;
   int64_t weight_row_stride;
   int64_t weight_col_stride;
+  float weight_values[kMaxFusedModels];
   int32_t num_models;
   int64_t batch;
   int64_t vocab;  // columns read from every input and written to the output
@@ -34,7 +37,7 @@ struct FusionParams {
 };
 
 COLLAB_HD float fusion_weight(const FusionParams& p, int64_t row, int k) {
-  return p.weights[row * p.weight_row_stride + k * p.weight_col_stride];
+  return p.weights ? p.weights[row * p.weight_row_stride + k * p.weight_col_stride] : p.weight_values[k];
 }
 
 COLLAB_HD float scaled_logit(const FusionParams& p, int k, int64_t row, int64_t col) {

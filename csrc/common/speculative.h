@@ -29,7 +29,10 @@ struct SpeculativeParams {
   int64_t target_batch_stride[kMaxSpeculativeTargets];
   int64_t target_position_stride[kMaxSpeculativeTargets];
   int32_t num_targets;
-  const float* target_weights;  // [batch, num_targets], any strides
+  // Per-row weights [batch, num_targets] (any strides), or nullptr: target_weight_values for every
+  // row, passed by value so that no host-to-device copy precedes the launch.
+  const float* target_weights;
+  float target_weight_values[kMaxSpeculativeTargets];
   int64_t weight_row_stride;
   int64_t weight_col_stride;
   const void* draft;  // [batch, num_drafts, vocab] or nullptr: q one-hot at the draft id
@@ -65,7 +68,8 @@ COLLAB_HD RowTargets row_targets(const SpeculativeParams& p, int64_t row) {
   RowTargets rt;
   rt.count = 0;
   for (int k = 0; k < p.num_targets; ++k) {
-    const float w = p.target_weights[row * p.weight_row_stride + k * p.weight_col_stride];
+    const float w = p.target_weights ? p.target_weights[row * p.weight_row_stride + k * p.weight_col_stride]
+                                     : p.target_weight_values[k];
     if (w == 0.f) continue;  // a weight-0 model does not take part (its NaN and -inf are ignored)
     rt.model[rt.count] = k;
     rt.weight[rt.count] = w;
