@@ -50,30 +50,6 @@ COLLAB_HD bool needs_row_max(const FusionParams& p, int k) {
 }
 COLLAB_HD bool needs_row_lse(const FusionParams& p) { return p.normalize && !p.output_logprobs; }
 
-// The fused score of one token given the per-row constants. A model with non-zero weight that
-// gives -inf excludes the token (a product with -inf would flip sign for negative weights), and so
-// does the plausibility mask. `saw_nan` reports a NaN in any model that takes part, which makes the
-// whole row NaN, as log_softmax over the row would.
-COLLAB_HD float fused_score(const FusionParams& p, int64_t row, int64_t col, const float* row_weight,
-                            const float* row_offset, float plausibility_cut, bool& saw_nan) {
-  bool excluded = false;
-  if (p.use_plausibility) {
-    const float z = scaled_logit(p, p.plausibility_ref, row, col);
-    saw_nan |= z != z;
-    excluded |= z < plausibility_cut;
-  }
-  float score = 0.f;
-  for (int k = 0; k < p.num_models; ++k) {
-    const float w = row_weight[k];
-    if (w == 0.f) continue;
-    const float z = scaled_logit(p, k, row, col);
-    saw_nan |= z != z;
-    excluded |= z == -INFINITY;
-    score += w * (z - row_offset[k]);
-  }
-  return excluded ? -INFINITY : score;
-}
-
 // The plausibility cut from the reference model's row maximum: tokens below it are masked. An
 // all -inf reference row makes every token implausible.
 COLLAB_HD float plausibility_cut_from_max(const FusionParams& p, float ref_row_max) {

@@ -54,18 +54,27 @@ __device__ __forceinline__ OnlineLse merge_partials(const OnlineLse* partials, i
   return state;
 }
 
+// The thread's kColumnsPerThread columns of model k, scaled by 1/T_k; -inf past the vocabulary.
+__device__ __forceinline__ void load_model_columns(const FusionParams& p, int k, int64_t row, int64_t begin,
+                                                   float* z) {
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) {
+    const int64_t col = begin + i * kFusionThreads + threadIdx.x;
+    z[i] = col < p.vocab ? scaled_logit(p, k, row, col) : -INFINITY;
+  }
+}
+
 __global__ void __launch_bounds__(kFusionThreads) model_stats_kernel(FusionParams p, FusionWorkspace ws) {
   const int64_t chunk = blockIdx.x % ws.num_chunks, row = blockIdx.x / ws.num_chunks;
   const int64_t begin = chunk * kFusionChunk;
   for (int k = 0; k < p.num_models; ++k) {
     const bool used = fusion_weight(p, row, k) != 0.f || (p.use_plausibility && k == p.plausibility_ref);
     if (!used || !needs_row_max(p, k)) continue;  // uniform across the block
+    float z[kColumnsPerThread];
+    load_model_columns(p, k, row, begin, z);
     OnlineLse local = online_lse_init();
 #pragma unroll
-    for (int i = 0; i < kColumnsPerThread; ++i) {
-      const int64_t col = begin + i * kFusionThreads + threadIdx.x;
-      if (col < p.vocab) online_lse_add(local, scaled_logit(p, k, row, col));
-    }
+    for (int i = 0; i < kColumnsPerThread; ++i) online_lse_add(local, z[i]);
     const OnlineLse merged = block_merge_lse<kFusionThreads>(local);
     if (threadIdx.x == 0) ws.model_stats[(row * ws.num_chunks + chunk) * p.num_models + k] = merged;
   }
@@ -91,17 +100,49 @@ __global__ void __launch_bounds__(kFusionThreads) score_kernel(FusionParams p, F
   if (threadIdx.x == 0 && !p.use_plausibility) plausibility_cut = -INFINITY;
   __syncthreads();
 
-  float* out = p.out + row * p.out_row_stride;
+  // Model by model, every column of the thread is loaded before any arithmetic and nothing is
+  // stored until the end: a store to `out` between loads would serialise them (the compiler
+  // cannot rule out aliasing), leaving each thread one load in flight.
   const int64_t begin = chunk * kFusionChunk;
-  OnlineLse local = online_lse_init();
+  float score[kColumnsPerThread];
+  bool excluded[kColumnsPerThread];
   bool saw_nan = false;
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) {
+    score[i] = 0.f;
+    excluded[i] = false;
+  }
+  if (p.use_plausibility) {
+    float z[kColumnsPerThread];
+    load_model_columns(p, p.plausibility_ref, row, begin, z);
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) {
+      saw_nan |= z[i] != z[i];
+      excluded[i] |= z[i] < plausibility_cut;
+    }
+  }
+  for (int k = 0; k < p.num_models; ++k) {
+    const float w = weight[k];
+    if (w == 0.f) continue;  // uniform across the block
+    float z[kColumnsPerThread];
+    load_model_columns(p, k, row, begin, z);
+    const float c = offset[k];
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) {
+      saw_nan |= z[i] != z[i];
+      excluded[i] |= z[i] == -INFINITY;
+      score[i] += w * (z[i] - c);
+    }
+  }
+  float* out = p.out + row * p.out_row_stride;
+  OnlineLse local = online_lse_init();
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) {
     const int64_t col = begin + i * kFusionThreads + threadIdx.x;
     if (col < p.vocab) {
-      const float score = fused_score(p, row, col, weight, offset, plausibility_cut, saw_nan);
-      out[col] = score;
-      online_lse_add(local, score);
+      const float value = excluded[i] ? -INFINITY : score[i];
+      out[col] = value;
+      online_lse_add(local, value);
     }
   }
   // A NaN in a participating model poisons the row: carried in the partial state's flag.
@@ -119,10 +160,16 @@ __global__ void __launch_bounds__(kFusionThreads) finish_kernel(FusionParams p, 
   if (!poisoned && (!p.output_logprobs || lse == -INFINITY)) return;
   float* out = p.out + row * p.out_row_stride;
   const int64_t begin = chunk * kFusionChunk;
+  float value[kColumnsPerThread];
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) {
     const int64_t col = begin + i * kFusionThreads + threadIdx.x;
-    if (col < p.vocab) out[col] = poisoned ? NAN : out[col] - lse;
+    value[i] = col < p.vocab && !poisoned ? out[col] : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) {
+    const int64_t col = begin + i * kFusionThreads + threadIdx.x;
+    if (col < p.vocab) out[col] = poisoned ? NAN : value[i] - lse;
   }
 }
 
