@@ -6,7 +6,7 @@
 #include <vector>
 
 #include "common/dynamic_fusion.h"
-#include "fusion_args.h"
+#include "tensor_args.h"
 
 namespace collab_ops {
 

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "common/divergence.h"
+#include "tensor_args.h"
 
 namespace collab_ops {
 
@@ -20,19 +21,6 @@ inline Divergence divergence_from_name(const std::string& name) {
   TORCH_CHECK_VALUE(name == "tvd", "unknown divergence '", name,
                     "'; expected forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl or tvd");
   return Divergence::kTvd;
-}
-
-inline ScalarKind logits_kind(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScalarKind::kFloat32;
-    case at::kBFloat16:
-      return ScalarKind::kBFloat16;
-    case at::kHalf:
-      return ScalarKind::kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
 }
 
 // A view with unit column stride: the input itself, or a contiguous copy kept in `keep_alive`.
@@ -72,10 +60,10 @@ inline KdLossInputs make_kd_loss_inputs(const at::Tensor& student, const at::Ten
   const at::Tensor& student_rows = unit_column_stride(student, inputs.student_copy);
   const at::Tensor& teacher_rows = unit_column_stride(teacher, inputs.teacher_copy);
   p.student = student_rows.data_ptr();
-  p.student_kind = logits_kind(student_rows, "student_logits");
+  p.student_kind = scalar_kind(student_rows, "student_logits");
   p.student_row_stride = student_rows.stride(0);
   p.teacher = teacher_rows.data_ptr();
-  p.teacher_kind = logits_kind(teacher_rows, "teacher_logits");
+  p.teacher_kind = scalar_kind(teacher_rows, "teacher_logits");
   p.teacher_row_stride = teacher_rows.stride(0);
   p.labels = nullptr;
   if (labels.has_value()) {

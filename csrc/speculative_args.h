@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "common/speculative.h"
-#include "fusion_args.h"
+#include "tensor_args.h"
 
 namespace collab_ops {
 
@@ -19,19 +19,6 @@ struct SpeculativeOutputs {
   at::Tensor num_accepted;
   std::tuple<at::Tensor, at::Tensor, at::Tensor> as_tuple() const { return {tokens, num_emitted, num_accepted}; }
 };
-
-inline ScalarKind speculative_scalar_kind(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ScalarKind::kFloat32;
-    case at::kBFloat16:
-      return ScalarKind::kBFloat16;
-    case at::kHalf:
-      return ScalarKind::kFloat16;
-    default:
-      TORCH_CHECK_TYPE(false, name, " must be float32, bfloat16 or float16, got ", t.scalar_type());
-  }
-}
 
 inline void check_index_vector(const at::Tensor& t, const char* name, int64_t batch, const at::Device& device) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
@@ -74,7 +61,7 @@ inline SpeculativeParams make_speculative_params(const at::Tensor& draft_tokens,
   const at::ScalarType dtype = targets[0].scalar_type();
 
   SpeculativeParams p{};
-  p.kind = speculative_scalar_kind(targets[0], "targets[0]");
+  p.kind = scalar_kind(targets[0], "targets[0]");
   p.num_targets = static_cast<int32_t>(num_targets);
   for (int64_t k = 0; k < num_targets; ++k) {
     const std::string name = "targets[" + std::to_string(k) + "]";

@@ -73,7 +73,7 @@ at::Tensor kd_loss_backward_cpu(const at::Tensor& grad_per_position, const at::T
   const at::Tensor upstream = grad_per_position.to(at::kFloat);
   const at::Tensor stats = row_stats.contiguous();
   at::Tensor grad_student = at::empty(student_logits.sizes(), student_logits.options());
-  const ScalarKind grad_kind = logits_kind(grad_student, "student_logits");
+  const ScalarKind grad_kind = scalar_kind(grad_student, "student_logits");
   const float* upstream_data = upstream.data_ptr<float>();
   const int64_t upstream_stride = upstream.stride(0);
   const float* stats_data = stats.data_ptr<float>();
