@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "common/dynamic_fusion.h"
+#include "common/vector_math.h"
 #include "cpu/fuse_logits.h"
 
 namespace collab_ops {
@@ -23,7 +24,7 @@ inline WeightedLse tile_weighted_lse(const float* x, const float* y, int64_t cou
   if (tile_max == -INFINITY) return weighted_lse_init();
   float sum = 0.f, weighted = 0.f;
   for (int64_t i = 0; i < count; ++i) {
-    const float p = std::exp(x[i] - tile_max);
+    const float p = vector_exp(x[i] - tile_max);
     sum += p;
     weighted += p * y[i];
   }

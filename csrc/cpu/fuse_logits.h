@@ -1,12 +1,16 @@
-// CPU kernel of fuse_logits: one row at a time, in column tiles so that the dtype conversion and
-// the combination are plain loops the compiler vectorises. Torch-free; the launcher in
-// fuse_logits.cpp splits rows across threads.
+// CPU kernel of fuse_logits, torch-free. A row is cut into column chunks so that a small batch
+// still spreads over every core; the launcher (fuse_logits.cpp) runs three phases over all
+// (row, chunk) tasks, as the CUDA kernels do: per-chunk model statistics (logits output or the
+// plausibility mask only), the scores with their per-chunk log-sum-exp, and the subtraction of the
+// row's log-sum-exp. Inside a chunk, column tiles keep the dtype conversion and the arithmetic
+// plain loops the compiler vectorises.
 #pragma once
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 #include "common/fusion.h"
+#include "common/vector_math.h"
 #include "cpu/tiles.h"
 
 namespace collab_ops {
@@ -23,83 +27,84 @@ inline OnlineLse tile_lse(const float* x, int64_t count) {
   float tile_max = -INFINITY;
   bool tile_nan = false;
   for (int64_t i = 0; i < count; ++i) {
-    tile_max = std::max(tile_max, x[i]);
-    tile_nan |= std::isnan(x[i]);
+    tile_max = x[i] > tile_max ? x[i] : tile_max;
+    tile_nan |= x[i] != x[i];
   }
   OnlineLse state{tile_max, 0.f, tile_nan};
   if (tile_max == -INFINITY || tile_max == INFINITY) return state;
   float sum = 0.f;
-  for (int64_t i = 0; i < count; ++i) sum += std::exp(x[i] - tile_max);
+  for (int64_t i = 0; i < count; ++i) sum += vector_exp(x[i] - tile_max);
   state.sum = sum;
   return state;
 }
 
-// Per-row max and log-sum-exp of model k's scaled logits.
-inline OnlineLse model_row_stats(const FusionParams& p, int k, int64_t row, float* tile) {
+// Max and log-sum-exp of model k's scaled logits over columns [begin, end) of a row.
+inline OnlineLse model_chunk_stats(const FusionParams& p, int k, int64_t row, int64_t begin, int64_t end) {
+  float tile[kFusionTile];
   OnlineLse state = online_lse_init();
-  for (int64_t col = 0; col < p.vocab; col += kFusionTile) {
-    const int64_t count = std::min(kFusionTile, p.vocab - col);
+  for (int64_t col = begin; col < end; col += kFusionTile) {
+    const int64_t count = std::min(kFusionTile, end - col);
     load_model_tile(p, k, row, col, count, tile);
     state = online_lse_merge(state, tile_lse(tile, count));
   }
   return state;
 }
 
-inline void fuse_logits_row(const FusionParams& p, int64_t row) {
+// The per-row constants of the score pass.
+struct FusionRowConstants {
   float weight[kMaxFusedModels];
-  float offset[kMaxFusedModels];
-  float model_tile[kMaxFusedModels][kFusionTile];
-  float score[kFusionTile];
-  float plausibility_cut = -INFINITY;
-  for (int k = 0; k < p.num_models; ++k) {
-    weight[k] = fusion_weight(p, row, k);
-    offset[k] = 0.f;
-    const bool used = weight[k] != 0.f || (p.use_plausibility && k == p.plausibility_ref);
-    if (!used || !needs_row_max(p, k)) continue;
-    const OnlineLse stats = model_row_stats(p, k, row, model_tile[k]);
-    if (needs_row_lse(p)) offset[k] = online_lse_value(stats);
-    if (p.use_plausibility && k == p.plausibility_ref) plausibility_cut = plausibility_cut_from_max(p, stats.max);
-  }
+  float offset[kMaxFusedModels];  // log-sum-exp of model k when normalising for logits output
+  float plausibility_cut;
+};
 
-  float* out = p.out + row * p.out_row_stride;
-  OnlineLse out_state = online_lse_init();
+// Writes the fused scores of columns [begin, end) of a row and returns their log-sum-exp state,
+// with has_nan set when a participating model has a NaN there (the row then becomes all NaN).
+inline OnlineLse score_chunk(const FusionParams& p, int64_t row, int64_t begin, int64_t end,
+                             const FusionRowConstants& c) {
+  float model_tile[kFusionTile];
+  float score[kFusionTile];
   bool saw_nan = false;
-  for (int64_t col = 0; col < p.vocab; col += kFusionTile) {
-    const int64_t count = std::min(kFusionTile, p.vocab - col);
+  float* out = p.out + row * p.out_row_stride;
+  OnlineLse state = online_lse_init();
+  for (int64_t col = begin; col < end; col += kFusionTile) {
+    const int64_t count = std::min(kFusionTile, end - col);
     for (int64_t i = 0; i < count; ++i) score[i] = 0.f;
     for (int k = 0; k < p.num_models; ++k) {
-      if (weight[k] == 0.f) continue;
-      load_model_tile(p, k, row, col, count, model_tile[k]);
-      const float w = weight[k], c = offset[k];
-      const float* z = model_tile[k];
+      const float w = c.weight[k];
+      if (w == 0.f) continue;
+      load_model_tile(p, k, row, col, count, model_tile);
+      const float offset = c.offset[k];
       for (int64_t i = 0; i < count; ++i) {
-        saw_nan |= std::isnan(z[i]);
+        const float z = model_tile[i];
+        saw_nan |= z != z;
         // -inf excludes the token whatever the sign of w.
-        score[i] = (z[i] == -INFINITY || score[i] == -INFINITY) ? -INFINITY : score[i] + w * (z[i] - c);
+        score[i] = (z == -INFINITY || score[i] == -INFINITY) ? -INFINITY : score[i] + w * (z - offset);
       }
     }
     if (p.use_plausibility) {
-      const int r = p.plausibility_ref;
-      if (weight[r] == 0.f) load_model_tile(p, r, row, col, count, model_tile[r]);
-      const float* z = model_tile[r];
+      load_model_tile(p, p.plausibility_ref, row, col, count, model_tile);
       for (int64_t i = 0; i < count; ++i) {
-        saw_nan |= std::isnan(z[i]);
-        if (z[i] < plausibility_cut) score[i] = -INFINITY;
+        saw_nan |= model_tile[i] != model_tile[i];
+        score[i] = model_tile[i] < c.plausibility_cut ? -INFINITY : score[i];
       }
     }
     for (int64_t i = 0; i < count; ++i) out[col + i] = score[i];
-    if (p.output_logprobs) out_state = online_lse_merge(out_state, tile_lse(score, count));
+    if (p.output_logprobs) state = online_lse_merge(state, tile_lse(score, count));
   }
-  // A NaN in any model that takes part makes the whole row NaN, as log_softmax over it would.
-  if (saw_nan) {
-    for (int64_t col = 0; col < p.vocab; ++col) out[col] = NAN;
-    return;
+  state.has_nan |= saw_nan;
+  return state;
+}
+
+// Log-prob output subtracts the row's log-sum-exp; a poisoned row becomes all NaN. An
+// all-excluded row stays all -inf instead of becoming (-inf) - (-inf) = NaN.
+inline void finish_chunk(const FusionParams& p, int64_t row, int64_t begin, int64_t end, float row_lse,
+                         bool poisoned) {
+  float* out = p.out + row * p.out_row_stride;
+  if (poisoned) {
+    for (int64_t col = begin; col < end; ++col) out[col] = NAN;
+  } else if (p.output_logprobs && row_lse != -INFINITY) {
+    for (int64_t col = begin; col < end; ++col) out[col] -= row_lse;
   }
-  if (!p.output_logprobs) return;
-  const float lse = online_lse_value(out_state);
-  // An all-excluded row stays all -inf instead of becoming (-inf) - (-inf) = NaN.
-  if (lse == -INFINITY) return;
-  for (int64_t col = 0; col < p.vocab; ++col) out[col] -= lse;
 }
 
 }  // namespace cpu

@@ -9,15 +9,6 @@
 namespace collab_ops {
 namespace {
 
-// The kernels are compute-bound (exp/log per token), so the row loops are also compiled for
-// AVX2 and AVX-512 and the loader picks the best the CPU has. `flatten` inlines the whole kernel
-// into each clone. setup.py turns FMA contraction off, so every clone gives the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define COLLAB_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
-#else
-#define COLLAB_CPU_CLONES
-#endif
-
 COLLAB_CPU_CLONES void kd_loss_forward_rows(const KdLossParams& p, int64_t begin, int64_t end, float* loss,
                                             float* stats) {
   cpu::KdTiles tiles;

@@ -5,6 +5,16 @@
 
 #include "common/scalar.h"
 
+// The row loops are compute-bound (exp/log per token), so the functions that run them are also
+// compiled for AVX2 and AVX-512 and the loader picks the best the CPU has. `flatten` inlines the
+// whole kernel into each clone. setup.py turns FMA contraction off, so every clone gives the same
+// bits. Use it on non-inline functions in the .cpp launchers.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define COLLAB_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
+#else
+#define COLLAB_CPU_CLONES
+#endif
+
 namespace collab_ops {
 namespace cpu {
 
