@@ -9,13 +9,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from collab_ops.ops import distill as ops
 from collab_ops.reference import distill as reference
 from tolerance import assert_close_to_reference
-from backends import cpu_backends
+from backends import cpu_backends, skip_if_sparse_teacher_refused
 
 OP = "fused_linear_kd_loss"
 BACKENDS = cpu_backends(OP)
 DIVERGENCES = ops.DIVERGENCES
-# The triton kernels take a dense teacher only (their `supports` refuses teacher_indices).
-SPARSE_BACKENDS = [b for b in BACKENDS if b != "triton"]
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -142,9 +140,10 @@ def test_given_dense_teacher_logits(backend, softcap):
         torch.testing.assert_close(got, want, **TOL)
 
 
-@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["forward_kl", "skew_reverse_kl"])
 def test_given_sparse_teacher(backend, divergence):
+    skip_if_sparse_teacher_refused(OP, backend)
     case = make_case(seed=50)
     teacher = F.linear(case.pop("teacher_hidden"), case.pop("teacher_weight"), case.pop("teacher_bias"))
     case["teacher_logits"], case["teacher_indices"] = torch.log_softmax(teacher / 2.0, -1).topk(5, dim=-1)
