@@ -6,16 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from collab_ops import _dispatch
 from collab_ops.ops import distill as ops
 from collab_ops.reference import distill as reference
 from tolerance import assert_close_to_reference
-from backends import cpu_backends
+from backends import cpu_backends, skip_if_sparse_teacher_refused
 
 OP = "fused_linear_kd_loss"
 BACKENDS = cpu_backends(OP)
 DIVERGENCES = ops.DIVERGENCES
-# The triton kernels take a dense teacher only (their `supports` refuses teacher_indices).
-SPARSE_BACKENDS = [b for b in BACKENDS if b != "triton"]
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 
@@ -142,9 +141,10 @@ def test_given_dense_teacher_logits(backend, softcap):
         torch.testing.assert_close(got, want, **TOL)
 
 
-@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", ["forward_kl", "skew_reverse_kl"])
 def test_given_sparse_teacher(backend, divergence):
+    skip_if_sparse_teacher_refused(OP, backend)
     case = make_case(seed=50)
     teacher = F.linear(case.pop("teacher_hidden"), case.pop("teacher_weight"), case.pop("teacher_bias"))
     case["teacher_logits"], case["teacher_indices"] = torch.log_softmax(teacher / 2.0, -1).topk(5, dim=-1)
@@ -260,3 +260,49 @@ def test_bf16_within_design_tolerance(backend):
     for what, ours, baseline, truth in zip(("loss", *STUDENT_PARAMS), (fused, *fused_grads), (base, *base_grads),
                                            (exact, *exact_grads)):
         assert_close_to_reference(ours, truth, baseline, what=what)
+
+
+needs_cpu_backend = pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend (C++ extension) is not built")
+
+
+@needs_cpu_backend
+def test_cpu_is_picked_for_dense_teachers_and_sparse_ones_go_to_the_reference():
+    dense = make_case(seed=120)
+    sparse = dict(dense)
+    teacher = F.linear(sparse.pop("teacher_hidden"), sparse.pop("teacher_weight"), sparse.pop("teacher_bias"))
+    sparse["teacher_logits"], sparse["teacher_indices"] = torch.log_softmax(teacher, -1).topk(3, dim=-1)
+    for case, expected in ((dense, "cpu"), (sparse, "reference")):
+        with _dispatch.recording() as chosen:
+            fused_loss(case, None)
+        assert [impl.backend for impl in chosen] == [expected]
+
+
+@needs_cpu_backend
+def test_cpu_mean_graph_allows_one_backward_and_none_allows_several():
+    case = make_case(seed=130)
+    hidden = case["student_hidden"].clone().requires_grad_(True)
+    per_position = fused_loss(dict(case, student_hidden=hidden), "cpu", reduction="none", chunk_size=5)
+    per_position.sum().backward(retain_graph=True)
+    first = hidden.grad.clone()
+    per_position.sum().backward()
+    torch.testing.assert_close(hidden.grad, 2 * first)
+
+    mean = fused_loss(dict(case, student_hidden=hidden), "cpu", chunk_size=5)
+    mean.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="single backward"):
+        mean.backward()
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("student_dtype, teacher_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_cpu_low_precision_and_mixed_teacher_dtype(student_dtype, teacher_dtype):
+    case = make_case(n=40, student_hidden=32, teacher_hidden=48, student_vocab=101, teacher_vocab=101, seed=140)
+    case = {k: v.to(student_dtype if k.startswith("student") else teacher_dtype) if v.is_floating_point() else v
+            for k, v in case.items()}
+    options = dict(divergence="skew_reverse_kl", beta=0.3, hard_weight=0.4, logit_softcap=4.0, chunk_size=16)
+    fused, fused_grads = value_and_student_grads(lambda c, **o: fused_loss(c, "cpu", **o), case, **options)
+    expected, expected_grads = value_and_student_grads(lambda c, **o: fused_loss(c, "reference", **o), case, **options)
+    torch.testing.assert_close(fused, expected, rtol=2e-2, atol=2e-3)
+    for got, want in zip(fused_grads, expected_grads):
+        assert got.dtype == want.dtype == student_dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=5e-2, atol=5e-3)

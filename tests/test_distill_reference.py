@@ -13,8 +13,7 @@ import torch
 from collab_ops.ops import distill as ops
 from collab_ops.reference import distill as reference
 from tolerance import assert_close_to_reference
-from backends import cpu_backends
-from collab_ops import BackendUnavailableError
+from backends import cpu_backends, skip_if_sparse_teacher_refused
 
 OP = "kd_loss"
 BACKENDS = cpu_backends(OP)
@@ -109,15 +108,6 @@ def check_against_oracle(backend, student, teacher, labels=None, **options):
     assert losses.dtype == torch.float32
     torch.testing.assert_close(losses.double(), torch.from_numpy(values), **FP32_TOL)
     torch.testing.assert_close(grad.double(), weights[:, None] * torch.from_numpy(grads), **FP32_TOL)
-
-
-def skip_if_sparse_teacher_refused(backend):
-    """A compiled kernel may leave sparse teachers to the reference; its `supports` says why."""
-    student, log_probs = torch.zeros(1, 3), torch.zeros(1, 1)
-    try:
-        ops.kd_loss(student, log_probs, teacher_indices=torch.zeros(1, 1, dtype=torch.int64), backend=backend)
-    except BackendUnavailableError as refusal:
-        pytest.skip(str(refusal))
 
 
 def logits(*shape, seed, scale=3.0, dtype=torch.float32):
@@ -272,7 +262,7 @@ def test_ignored_rows_may_hold_anything(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_sparse_teacher_matches_collapsed_formula(backend, divergence):
-    skip_if_sparse_teacher_refused(backend)
+    skip_if_sparse_teacher_refused(OP, backend)
     n, vocab, k = 21, 40, 6
     student, teacher = logits(n, vocab, seed=27), logits(n, vocab, seed=28)
     top_log_probs, top_ids = torch.log_softmax(teacher / 2.0, -1).topk(k, dim=-1)
@@ -286,7 +276,7 @@ def test_sparse_teacher_matches_collapsed_formula(backend, divergence):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_sparse_teacher_over_the_whole_vocabulary_equals_dense(backend, divergence):
-    skip_if_sparse_teacher_refused(backend)
+    skip_if_sparse_teacher_refused(OP, backend)
     student, teacher = logits(9, 12, seed=30), logits(9, 12, seed=31)
     temperature = 1.8
     log_probs, ids = torch.log_softmax(teacher / temperature, -1).sort(dim=-1, descending=True)
@@ -299,7 +289,7 @@ def test_sparse_teacher_over_the_whole_vocabulary_equals_dense(backend, divergen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_teacher_bad_ids_give_nan_at_their_position_only(backend):
-    skip_if_sparse_teacher_refused(backend)
+    skip_if_sparse_teacher_refused(OP, backend)
     student = logits(5, 10, seed=32)
     log_probs, ids = torch.log_softmax(logits(5, 10, seed=33), -1).topk(3, dim=-1)
     ids[1, 2] = 10  # out of range

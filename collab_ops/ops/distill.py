@@ -58,6 +58,7 @@ hidden_cosine_loss(student_hidden, teacher_hidden, mask) -> Tensor
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -556,3 +557,183 @@ if _availability.extension() is not None:
         "collab_ops::kd_loss_forward", _kd_loss_backward, setup_context=_kd_loss_setup_context
     )
     register("kd_loss", "cpu", _compiled_kd_loss, supports=_compiled_kd_refusal)
+
+
+# Compiled CPU fused_linear_kd_loss: positions are taken chunk_size at a time; per chunk torch's
+# GEMMs (fp32 accumulation) give the logits, the compiled kd_loss kernels give the per-position
+# losses and ∂loss/∂logits, and two more GEMMs turn that into grad_hidden (chunk rows) and
+# grad_weight. As on the Triton path, "mean"/"sum" compute the gradients in forward and backward
+# only scales them by grad_output; "none" learns its per-row weights in backward, so forward keeps
+# the kernel's row statistics ([N, 4]) and backward recomputes the chunks' logits.
+# Peak extra memory: a chunk's logits and their gradient, grad_weight, grad_hidden.
+
+# A chunk's logit buffers (student + teacher) take about this much memory by default: at V=32000
+# in fp32 that is about 260 positions, enough for the GEMMs to run near their peak on a few cores
+# (N=1024, H=256: 128 to 1024 positions per chunk all measured within noise of each other).
+CPU_CHUNK_LOGITS_BUDGET_BYTES = 64 * 2**20
+
+
+def _compiled_fused_linear_refusal(*, teacher_indices, **_) -> Optional[str]:
+    if teacher_indices is not None:
+        return "the cpu fused linear kd path takes dense teachers; a sparse teacher (teacher_indices) runs on the reference backend"
+    return None
+
+
+@dataclass(frozen=True)
+class _CpuChunkPlan:
+    chunk_size: int
+    reduction: str
+    logit_softcap: Optional[float]
+    has_soft: bool
+    # kd_loss_forward/kd_loss_backward's trailing arguments, from divergence to vocab_size
+    kernel_options: tuple
+
+    @property
+    def vocab(self) -> int:
+        return self.kernel_options[-1]
+
+
+def _capped_logits(hidden, weight, bias, logit_softcap) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """hidden @ weightᵀ + bias, soft-capped in fp32 when asked, and tanh(z/c) (for the cap's
+    derivative) or None."""
+    logits = torch.mm(hidden, weight.t()) if bias is None else torch.addmm(bias, hidden, weight.t())
+    if logit_softcap is None:
+        return logits, None
+    squashed = torch.tanh(logits.to(torch.float32) / logit_softcap)
+    return squashed * logit_softcap, squashed
+
+
+def _run_cpu_chunks(plan: _CpuChunkPlan, student_hidden, student_weight, student_bias, teacher_hidden,
+                    teacher_weight, teacher_bias, teacher_logits, labels, *, per_position, row_stats,
+                    upstream, wanted):
+    """Per chunk: the kernel's losses into per_position and statistics into row_stats (when
+    per_position is given; else the statistics are read from row_stats), and for the student
+    inputs flagged in `wanted` the gradients of Σ upstream[row]·loss[row] (upstream: [N] or [1])."""
+    vocab, cap = plan.vocab, plan.logit_softcap
+    num_positions = student_hidden.shape[0]
+    want_hidden, want_weight, want_bias = wanted
+    weight = student_weight[:vocab]
+    bias = None if student_bias is None else student_bias[:vocab]
+    computes_teacher = plan.has_soft and teacher_hidden is not None
+    if computes_teacher:
+        teacher_weight = teacher_weight[:vocab]
+        teacher_bias = None if teacher_bias is None else teacher_bias[:vocab]
+    grad_hidden = torch.empty_like(student_hidden) if want_hidden else None
+    grad_weight = torch.zeros_like(student_weight) if want_weight else None
+    grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32) if want_bias else None
+
+    for start in range(0, num_positions, plan.chunk_size):
+        rows = slice(start, min(start + plan.chunk_size, num_positions))
+        hidden_rows = student_hidden[rows]
+        student_rows, squashed = _capped_logits(hidden_rows, weight, bias, cap)
+        if computes_teacher:
+            teacher_rows, _ = _capped_logits(teacher_hidden[rows], teacher_weight, teacher_bias, cap)
+        elif plan.has_soft:
+            teacher_rows = teacher_logits[rows]
+        else:
+            teacher_rows = student_rows  # the kernels never read the teacher without a soft term
+        label_rows = None if labels is None else labels[rows]
+        if per_position is not None:
+            per_position[rows], row_stats[rows] = torch.ops.collab_ops.kd_loss_forward(
+                student_rows, teacher_rows, label_rows, *plan.kernel_options)
+        if not any(wanted):
+            continue
+        row_upstream = upstream[rows] if upstream.numel() > 1 else upstream.expand(rows.stop - rows.start)
+        grad_logits = torch.ops.collab_ops.kd_loss_backward(
+            row_upstream, student_rows, teacher_rows, label_rows, row_stats[rows], *plan.kernel_options)
+        if squashed is not None:
+            grad_logits = grad_logits.mul_(1 - squashed.square_()).to(student_weight.dtype)
+        if want_hidden:
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+        if want_weight:
+            grad_weight[:vocab].addmm_(grad_logits.t(), hidden_rows)
+        if want_bias:
+            grad_bias[:vocab] += grad_logits.sum(0, dtype=torch.float32)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(student_bias.dtype)
+    return grad_hidden, grad_weight, grad_bias
+
+
+class _CpuFusedLinearKDFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                teacher_logits, labels, plan, denominator):
+        wanted = tuple(ctx.needs_input_grad[:3])
+        inputs = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  teacher_logits, labels)
+        num_positions = student_hidden.shape[0]
+        per_position = torch.empty(num_positions, dtype=torch.float32)
+        row_stats = torch.empty((num_positions, _KD_ROW_STATS), dtype=torch.float32)
+        ctx.plan, ctx.eager = plan, plan.reduction != "none"
+        if ctx.eager and any(wanted):
+            scale = torch.ones(1, dtype=torch.float32)
+            if plan.reduction == "mean":
+                scale = scale / denominator
+            grads = _run_cpu_chunks(plan, *inputs, per_position=per_position, row_stats=row_stats, upstream=scale,
+                                    wanted=wanted)
+            ctx.save_for_backward(*grads)
+            ctx.grads_consumed = False
+        else:
+            _run_cpu_chunks(plan, *inputs, per_position=per_position, row_stats=row_stats, upstream=None,
+                            wanted=(False, False, False))
+            if any(wanted):
+                ctx.save_for_backward(*inputs, row_stats)
+        if plan.reduction == "none":
+            return per_position
+        total = per_position.sum()
+        return total / denominator if plan.reduction == "mean" else total
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.eager:
+            if ctx.grads_consumed:
+                raise RuntimeError(
+                    "fused_linear_kd_loss (cpu) computes its gradients in forward and scales them in place in "
+                    "backward, so its graph supports a single backward; call the op again for a second one"
+                )
+            ctx.grads_consumed = True
+            scale = grad_output.to(torch.float32)
+            grads = tuple(None if g is None else g.mul_(scale) for g in ctx.saved_tensors)
+        else:
+            *inputs, row_stats = ctx.saved_tensors
+            grads = _run_cpu_chunks(ctx.plan, *inputs, per_position=None, row_stats=row_stats,
+                                    upstream=grad_output.to(torch.float32).reshape(-1),
+                                    wanted=tuple(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _compiled_fused_linear_kd_loss(
+    *, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, teacher_logits,
+    teacher_indices, labels, logit_softcap, chunk_size, divergence, beta, temperature, scale_by_t2, soft_weight,
+    hard_weight, ignore_index, reduction, num_items_in_batch, vocab_size,
+) -> torch.Tensor:
+    soft_scale = soft_weight * temperature**2 if scale_by_t2 else soft_weight
+    num_positions = student_hidden.shape[0]
+    computes_teacher = soft_scale != 0 and teacher_weight is not None
+    if chunk_size is None:
+        bytes_per_position = vocab_size * (student_weight.element_size()
+                                           + (teacher_weight.element_size() if computes_teacher else 0))
+        chunk_size = max(1, min(num_positions, CPU_CHUNK_LOGITS_BUDGET_BYTES // bytes_per_position))
+    denominator = None
+    if reduction == "mean":
+        if num_items_in_batch is not None:
+            denominator = torch.as_tensor(num_items_in_batch).to(device="cpu", dtype=torch.float32).reshape(())
+        else:
+            counted = reference.counted_positions(labels, ignore_index, num_positions, student_hidden.device)
+            denominator = counted.sum().clamp(min=1).to(torch.float32)
+    plan = _CpuChunkPlan(
+        chunk_size=chunk_size, reduction=reduction, logit_softcap=logit_softcap, has_soft=soft_scale != 0,
+        kernel_options=(divergence, beta, temperature, soft_scale, hard_weight, ignore_index, vocab_size),
+    )
+
+    def detached(t):
+        return None if t is None else t.detach()
+
+    return _CpuFusedLinearKDFunction.apply(
+        student_hidden, student_weight, student_bias, detached(teacher_hidden), detached(teacher_weight),
+        detached(teacher_bias), detached(teacher_logits), labels, plan, denominator,
+    )
+
+
+if _availability.extension() is not None:
+    register("fused_linear_kd_loss", "cpu", _compiled_fused_linear_kd_loss, supports=_compiled_fused_linear_refusal)
