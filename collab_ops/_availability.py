@@ -102,7 +102,7 @@ def backend_status() -> dict[str, str]:
 
 
 def available_backends() -> list[str]:
-    """The backends that can run here, best-known first in no particular device order."""
+    """The names of the backends that can run on some device here (see backend_status for the rest)."""
     return [name for name, reason in backend_status().items() if reason == "available"]
 
 
