@@ -172,6 +172,16 @@ def test_beam_search_is_refused(models):
         )
 
 
+def test_reordered_rows_are_refused_without_a_mask(models):
+    """What beam search does between steps; without a prompt mask only the row contents reveal it."""
+    ids, _, _ = left_padded_prompts()
+    processor = CollaborativeLogitsProcessor([models[1]], [0.5])
+    processor(ids, torch.randn(2, VOCAB))
+    grown = torch.cat([ids, ids[:, -1:]], dim=-1)
+    with pytest.raises(ValueError, match="beam search"):
+        processor(grown.flip(0), torch.randn(2, VOCAB))
+
+
 def test_reusing_a_processor_for_a_second_prompt_is_refused(models):
     ids, mask, _ = left_padded_prompts()
     processor = CollaborativeLogitsProcessor([models[1]], [0.5], attention_mask=mask)

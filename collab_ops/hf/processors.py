@@ -104,7 +104,7 @@ class CollaborativeLogitsProcessor(LogitsProcessor):
         self._auxiliary = [_AuxiliaryModelState(m) for m in models]
         self._prompt_mask = attention_mask
         self._attention_mask: Optional[torch.Tensor] = None
-        self._seen_length = 0
+        self._seen_ids: Optional[torch.Tensor] = None  # input_ids of the previous call
 
     def _step_inputs(self, input_ids: torch.LongTensor):
         """The tokens, mask and positions the auxiliary models have not seen yet."""
@@ -131,10 +131,17 @@ class CollaborativeLogitsProcessor(LogitsProcessor):
                     f"the batch changed from {mask.shape[0]} to {batch} rows between steps; beam search "
                     "is not supported (the auxiliary caches are not reordered)"
                 )
-            if length != self._seen_length + 1:
+            if length != self._seen_ids.shape[1] + 1:
                 raise ValueError(
-                    f"expected {self._seen_length + 1} tokens (one new one) but got {length}; "
+                    f"expected {self._seen_ids.shape[1] + 1} tokens (one new one) but got {length}; "
                     "use a fresh processor for each generate call"
+                )
+            # Beam search reorders rows between steps, which the auxiliary caches cannot follow:
+            # refuse rather than fuse with another row's cache (one host synchronisation per step).
+            if not torch.equal(input_ids[:, :-1], self._seen_ids):
+                raise ValueError(
+                    "the rows of input_ids were reordered or changed between steps (beam search?); "
+                    "beam search is not supported (the auxiliary caches are not reordered)"
                 )
             mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
             position_ids = mask.sum(-1, keepdim=True) - 1
@@ -146,7 +153,7 @@ class CollaborativeLogitsProcessor(LogitsProcessor):
         new_ids, mask, position_ids = self._step_inputs(input_ids)
         auxiliary_logits = [aux.next_token_logits(new_ids, mask, position_ids) for aux in self._auxiliary]
         self._attention_mask = mask
-        self._seen_length = input_ids.shape[1]
+        self._seen_ids = input_ids
         fused = fuse_logits([scores, *auxiliary_logits], self.weights, output="logits", **self.fusion_options)
         if fused.shape[-1] == scores.shape[-1]:
             return fused
