@@ -8,7 +8,9 @@
 # timeout drawn from one overall budget (DEVICE_CHECK_BUDGET_S, default 420 s) that holds back
 # BENCH_RESERVE_S (default 150 s) for the benchmarks. A failed step does not stop the later ones;
 # the script exits non-zero when any step failed. BENCH_ARGS adds options to the benchmark run
-# (e.g. BENCH_ARGS="--no-compile" or "--only fusion").
+# (e.g. BENCH_ARGS="--no-compile" or "--only fusion"). DEVICE_CHECK_STEPS picks the steps after the
+# build (default "tests bench"; "profile" runs bench/profile_gpu.py and, where Nsight Compute can
+# read the counters, ncu on the fused_sample and speculative_verify kernels).
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -77,8 +79,22 @@ run_step build 240 "$BENCH_RESERVE_S" env COLLAB_OPS_CUDA=1 MAX_JOBS=16 TORCH_CU
 run_step import 60 "$BENCH_RESERVE_S" python3 -c 'import collab_ops; print(collab_ops.backend_status())'
 cat "$OUT/import.log"
 
-run_step tests_gpu 180 "$BENCH_RESERVE_S" python3 -m pytest -q -p no:cacheprovider --durations=10 tests/gpu
-tail -n 1 "$OUT/tests_gpu.log"
+STEPS=" ${DEVICE_CHECK_STEPS:-tests bench} "
+wants() { [[ $STEPS == *" $1 "* ]]; }
+
+if wants profile; then
+  run_step profile 150 "$BENCH_RESERVE_S" python3 bench/profile_gpu.py "$OUT/profile_gpu.json"
+  if command -v ncu > /dev/null; then
+    run_step ncu 120 "$BENCH_RESERVE_S" ncu --profile-from-start off --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section ComputeWorkloadAnalysis \
+      python3 bench/profile_gpu.py --once B=
+  else
+    echo "ncu: not on PATH" | tee -a "$OUT/summary.txt"
+  fi
+fi
+
+wants tests && run_step tests_gpu 180 "$BENCH_RESERVE_S" python3 -m pytest -q -p no:cacheprovider --durations=10 tests/gpu
+wants tests && tail -n 1 "$OUT/tests_gpu.log"
 # The CPU suite runs in CI; here it is optional (DEVICE_CHECK_FULL_SUITE=1) to leave the time to the
 # GPU tests and the benchmarks. The wheel test rebuilds the extension, so it stays in CI.
 if [[ ${DEVICE_CHECK_FULL_SUITE:-0} == 1 ]]; then
@@ -91,7 +107,9 @@ fi
 shopt -s nullglob
 peer_wheels=(.whl/liger_kernel*.whl .whl/flashinfer*.whl)
 shopt -u nullglob
-if (( ${#peer_wheels[@]} )); then
+if ! wants bench; then
+  :
+elif (( ${#peer_wheels[@]} )); then
   if run_step peers 60 "$BENCH_RESERVE_S" python3 -m pip install --no-index --no-deps --target /tmp/site "${peer_wheels[@]}"; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
@@ -104,7 +122,7 @@ fi
 bench_budget=$(( $(seconds_left) - 60 ))
 (( bench_budget < 10 )) && bench_budget=10
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of options
-run_step bench 600 0 python3 -m collab_ops bench --device cuda --out "$OUT" --time-budget "$bench_budget" ${BENCH_ARGS:-}
+wants bench && run_step bench 600 0 python3 -m collab_ops bench --device cuda --out "$OUT" --time-budget "$bench_budget" ${BENCH_ARGS:-}
 for table in "$OUT"/*.md; do
   [[ -e $table ]] && cat "$table"
 done
