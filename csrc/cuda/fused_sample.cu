@@ -49,15 +49,11 @@ cudaError_t launch_fused_sample(const SamplingParams& params, void* workspace, i
   if (status != cudaSuccess) return status;
 
   const unsigned chunk_blocks = static_cast<unsigned>(batch * layout.chunks);
-  constexpr int kMergeThreads = 128;
-  const unsigned merge_blocks = static_cast<unsigned>((batch + kMergeThreads - 1) / kMergeThreads);
   if (params.fusion.use_plausibility) {
     sample_chunk_kernel<ChunkPass::kReferenceMax><<<chunk_blocks, kSampleThreads, 0, stream>>>(params, layout);
-    merge_chunks_kernel<ChunkPass::kReferenceMax><<<merge_blocks, kMergeThreads, 0, stream>>>(params, layout);
   }
   if (uses_value_cut(params) || uses_min_p(params)) {
     sample_chunk_kernel<ChunkPass::kStats><<<chunk_blocks, kSampleThreads, 0, stream>>>(params, layout);
-    merge_chunks_kernel<ChunkPass::kStats><<<merge_blocks, kMergeThreads, 0, stream>>>(params, layout);
   }
   if (uses_value_cut(params)) {
     select_value_cut_kernel<<<static_cast<unsigned>(batch), kSelectThreads, 0, stream>>>(params, layout);
@@ -65,7 +61,6 @@ cudaError_t launch_fused_sample(const SamplingParams& params, void* workspace, i
   } else {
     sample_chunk_kernel<ChunkPass::kSampleInputs><<<chunk_blocks, kSampleThreads, 0, stream>>>(params, layout);
   }
-  merge_chunks_kernel<ChunkPass::kSampleInputs><<<merge_blocks, kMergeThreads, 0, stream>>>(params, layout);
   return cudaGetLastError();
 }
 

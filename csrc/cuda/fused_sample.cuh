@@ -1,12 +1,16 @@
 // CUDA kernels of fused_sample. Torch-free; the launcher in fused_sample.cu strings them together.
 //
-// A row is split into chunks, one block each, so that B = 1 still fills the
-// GPU (block = row · chunks + chunk). Chunk passes write one ChunkPartial per block; a merge kernel (one thread per row) folds
-// them into the row's RowState, in column order, so the result does not depend on the layout:
-//   [alpha]            reference_max pass -> merge      (plausibility cut)
-//   [min_p/top_k/top_p] input pass (x to the workspace for top_k/top_p) -> merge (max x)
+// A row is split into chunks, one block each, so that B = 1 still fills the GPU
+// (block = row · chunks + chunk). Each chunk pass writes one ChunkPartial per block; the last block
+// of a row to finish (an arrival counter in RowState) folds the row's partials into its RowState,
+// so a pass is one launch. The fold is order-free (max, or, and a total order on candidates), so
+// the result does not depend on which block comes last:
+//   [alpha]            reference_max pass  (plausibility cut)
+//   [min_p/top_k/top_p] input pass (x to the workspace for top_k/top_p; max x)
 //   [top_k/top_p]      select_value_cut (one block per row, radix selection on the workspace)
-//   always             sampling pass (from the inputs or the workspace) -> merge (tokens)
+//   always             sampling pass (from the inputs or the workspace) -> token
+// The plain proxy-tuning / contrastive step without cuts is therefore a single launch (plus the
+// memset of the row states).
 #pragma once
 #include <cub/block/block_reduce.cuh>
 
@@ -16,7 +20,7 @@ namespace collab_ops {
 namespace cuda {
 
 constexpr int kSampleThreads = 256;
-// Each thread takes 4 adjacent columns, one Philox draw.
+// Each thread takes 4 adjacent columns per sweep, one Philox draw.
 constexpr int64_t kColumnsPerSweep = 4 * kSampleThreads;
 
 struct ChunkPartial {
@@ -30,6 +34,7 @@ struct RowState {
   float x_max;
   float value_cut;
   int32_t no_token;
+  uint32_t arrived;  // chunks of the running pass that are done; the last one folds and resets it
 };
 
 enum class ChunkPass { kReferenceMax, kStats, kSampleInputs, kSampleWorkspace };
@@ -51,21 +56,74 @@ struct BetterOp {
   }
 };
 
-// s(x) as the reference builds it (see common/sampling.h), -inf where implausible.
-__device__ __forceinline__ float sampling_score(const FusionParams& p, const float* weight, float plausibility_cut,
-                                                int64_t row, int64_t col, bool& undefined) {
-  float score = 0.f;
-  for (int k = 0; k < p.num_models; ++k) {
-    const float w = weight[k];
-    if (w == 0.f) continue;
-    const float z = scaled_logit(p, k, row, col);
-    // log_softmax of a row holding +inf is NaN/-inf everywhere: no token.
-    undefined |= (z != z) || (p.normalize && z == INFINITY);
-    score = add_weighted(score, w, z);
+// One model's row as a block reads it: staged in shared memory once per block, so that the
+// per-column loop indexes shared memory rather than the kernel parameters.
+struct ModelRow {
+  const void* data;  // the row's first column
+  float inv_temperature;
+  float weight;
+  ScalarKind kind;
+  bool vector_loads;  // 4 adjacent columns starting at a multiple of 4 are one aligned load
+};
+
+__device__ __forceinline__ ModelRow model_row(const FusionParams& p, int k, int64_t row) {
+  const int64_t element_bytes = p.kind[k] == ScalarKind::kFloat32 ? 4 : 2;
+  const char* data = static_cast<const char*>(p.logits[k]) + row * p.row_stride[k] * element_bytes;
+  const bool aligned = reinterpret_cast<uintptr_t>(data) % (4 * element_bytes) == 0;
+  return ModelRow{data, p.inv_temperature[k], fusion_weight(p, row, k), p.kind[k], aligned};
+}
+
+// Columns col .. col + count - 1 (count <= 4, col a multiple of 4) of one model, divided by its
+// temperature: one 8- or 16-byte load where the row is aligned, element loads otherwise.
+__device__ __forceinline__ void load_four(const ModelRow& m, int64_t col, int count, float (&z)[4]) {
+  if (count == 4 && m.vector_loads) {
+    if (m.kind == ScalarKind::kFloat32) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(m.data) + col));
+      z[0] = v.x, z[1] = v.y, z[2] = v.z, z[3] = v.w;
+    } else {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(m.data) + col));
+      const uint16_t h[4] = {static_cast<uint16_t>(v.x), static_cast<uint16_t>(v.x >> 16),
+                             static_cast<uint16_t>(v.y), static_cast<uint16_t>(v.y >> 16)};
+      for (int lane = 0; lane < 4; ++lane) {
+        z[lane] = m.kind == ScalarKind::kBFloat16 ? bfloat16_to_float(h[lane]) : float16_to_float(h[lane]);
+      }
+    }
+  } else {
+    for (int lane = 0; lane < 4; ++lane) z[lane] = lane < count ? load_as_float(m.data, m.kind, col + lane) : 0.f;
   }
-  if (p.use_plausibility && scaled_logit(p, p.plausibility_ref, row, col) < plausibility_cut) score = -INFINITY;
-  undefined |= is_undefined_score(score);
-  return score;
+  for (int lane = 0; lane < 4; ++lane) z[lane] *= m.inv_temperature;
+}
+
+// s(x) / temperature-ready scores of 4 columns, as the reference builds them (see common/sampling.h),
+// -inf where implausible.
+__device__ __forceinline__ void sampling_scores(const FusionParams& p, const ModelRow* models, float plausibility_cut,
+                                                int64_t col, int count, float (&score)[4], bool& undefined) {
+  for (int lane = 0; lane < 4; ++lane) score[lane] = 0.f;
+  for (int k = 0; k < p.num_models; ++k) {
+    const float w = models[k].weight;
+    if (w == 0.f) continue;
+    float z[4];
+    load_four(models[k], col, count, z);
+    for (int lane = 0; lane < count; ++lane) {
+      // log_softmax of a row holding +inf is NaN/-inf everywhere: no token.
+      undefined |= (z[lane] != z[lane]) || (p.normalize && z[lane] == INFINITY);
+      score[lane] = add_weighted(score[lane], w, z[lane]);
+    }
+  }
+  if (p.use_plausibility) {
+    float ref[4];
+    load_four(models[p.plausibility_ref], col, count, ref);
+    for (int lane = 0; lane < count; ++lane) {
+      if (ref[lane] < plausibility_cut) score[lane] = -INFINITY;
+    }
+  }
+  for (int lane = 0; lane < count; ++lane) undefined |= is_undefined_score(score[lane]);
+}
+
+// Reads a partial another block wrote, past this SM's L1.
+__device__ __forceinline__ ChunkPartial load_partial(const ChunkPartial* part) {
+  return ChunkPartial{Candidate{__ldcg(&part->best.key), __ldcg(&part->best.index)}, __ldcg(&part->max),
+                      __ldcg(&part->no_token)};
 }
 
 template <ChunkPass kPass>
@@ -75,11 +133,12 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
   const int64_t begin = chunk * layout.chunk_columns;
   const int64_t end = min(p.vocab, begin + layout.chunk_columns);
   const RowState state = layout.rows[row];
-  __shared__ float weight[kMaxFusedModels];
-  if (threadIdx.x < p.num_models) weight[threadIdx.x] = fusion_weight(p, row, threadIdx.x);
+  __shared__ ModelRow models[kMaxFusedModels];
+  if (threadIdx.x < p.num_models) models[threadIdx.x] = model_row(p, threadIdx.x, row);
   __syncthreads();
 
   constexpr bool kSample = kPass == ChunkPass::kSampleInputs || kPass == ChunkPass::kSampleWorkspace;
+  const bool draw = kSample && !s.greedy;
   const float scale = s.greedy ? 1.f : s.inv_temperature;
   const float min_p_cut = uses_min_p(s) ? state.x_max + s.log_min_p : -INFINITY;
   const float keep_from = fmaxf(min_p_cut, kPass == ChunkPass::kSampleWorkspace ? state.value_cut : -INFINITY);
@@ -87,30 +146,52 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
   float local_max = -INFINITY;
   bool undefined = false;
   Candidate best = no_candidate();
+  // The best key in this warp so far: a column whose key x + noise cannot reach it (noise is below
+  // kGumbelNoiseBound) cannot be the row's token, so it skips the Philox draw and the logarithms.
+  // Skipping never changes the token, so the CPU kernel (which skips by its own rule) still agrees.
+  float warp_best_key = -INFINITY;
   if (!state.no_token) {
-    for (int64_t first = begin + 4 * threadIdx.x; first < end; first += kColumnsPerSweep) {
-      const int64_t group = first / 4;
-      Philox4 bits{};
-      if (kSample && !s.greedy) bits = sampling_bits(s, row, group);
-      for (int lane = 0; lane < 4 && first + lane < end; ++lane) {
-        const int64_t col = first + lane;
-        float x;
-        if (kPass == ChunkPass::kReferenceMax) {
-          x = scaled_logit(p, p.plausibility_ref, row, col);
-          undefined |= x != x;
-        } else if (kPass == ChunkPass::kSampleWorkspace) {
-          x = scores_row[col];
-        } else {
-          x = sampling_score(p, weight, state.plausibility_cut, row, col, undefined) * scale;
-          if (kPass == ChunkPass::kStats && scores_row != nullptr) scores_row[col] = x;
+    // Every thread runs every sweep, so that the warp can share its best key after each one.
+    for (int64_t sweep = begin; sweep < end; sweep += kColumnsPerSweep) {
+      const int64_t first = sweep + 4 * threadIdx.x;
+      const int count = first >= end ? 0 : (end - first < 4 ? static_cast<int>(end - first) : 4);
+      float x[4];
+      if (kPass == ChunkPass::kReferenceMax) {
+        load_four(models[p.plausibility_ref], first, count, x);
+        for (int lane = 0; lane < count; ++lane) undefined |= x[lane] != x[lane];
+      } else if (kPass == ChunkPass::kSampleWorkspace) {
+        for (int lane = 0; lane < 4; ++lane) x[lane] = lane < count ? scores_row[first + lane] : -INFINITY;
+      } else {
+        sampling_scores(p, models, state.plausibility_cut, first, count, x, undefined);
+        for (int lane = 0; lane < count; ++lane) {
+          x[lane] *= scale;
+          if (kPass == ChunkPass::kStats && scores_row != nullptr) scores_row[first + lane] = x[lane];
         }
-        local_max = fmaxf(local_max, x);
-        if (!kSample || x == -INFINITY) continue;
-        if (s.greedy) {
-          best = better_candidate(best, Candidate{x, col});
-        } else if (x >= keep_from) {
-          best = better_candidate(best, Candidate{x + gumbel_noise(bits.v[lane]), col});
+      }
+      for (int lane = 0; lane < count; ++lane) local_max = fmaxf(local_max, x[lane]);
+      if (kSample && s.greedy) {
+        for (int lane = 0; lane < count; ++lane) {
+          if (x[lane] != -INFINITY) best = better_candidate(best, Candidate{x[lane], first + lane});
         }
+      } else if (draw) {
+        const float must_reach = fmaxf(warp_best_key, best.key);
+        bool reachable[4];
+        bool any_reachable = false;
+        for (int lane = 0; lane < 4; ++lane) {
+          // x >= keep_from is false for NaN; -inf is never drawn.
+          reachable[lane] = lane < count && x[lane] >= keep_from && x[lane] != -INFINITY &&
+                            !(x[lane] + kGumbelNoiseBound < must_reach);
+          any_reachable |= reachable[lane];
+        }
+        if (any_reachable) {
+          const Philox4 bits = sampling_bits(s, row, first / 4);
+          for (int lane = 0; lane < 4; ++lane) {
+            if (reachable[lane]) best = better_candidate(best, Candidate{x[lane] + gumbel_noise(bits.v[lane]), first + lane});
+          }
+        }
+        float key = best.key;
+        for (int offset = 16; offset > 0; offset >>= 1) key = fmaxf(key, __shfl_xor_sync(0xffffffffu, key, offset));
+        warp_best_key = key;
       }
     }
   }
@@ -121,38 +202,45 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
     typename MaxReduce::TempStorage max;
     typename BestReduce::TempStorage best;
   } storage;
+  __shared__ bool folds_the_row;
   const float block_max = MaxReduce(storage.max).Reduce(local_max, MaxOp());
   __syncthreads();
   const Candidate block_best = BestReduce(storage.best).Reduce(best, BetterOp());
   if (threadIdx.x == 0) {
     layout.partials[blockIdx.x] = ChunkPartial{block_best, block_max, any_undefined ? 1 : 0};
+    __threadfence();  // the partial is visible before the arrival is counted
+    folds_the_row = atomicAdd(&layout.rows[row].arrived, 1u) == layout.chunks - 1;
   }
-}
+  __syncthreads();
+  if (!folds_the_row) return;
 
-// Folds a pass's chunk partials into each row's state (one thread per row, chunks in order).
-template <ChunkPass kPass>
-__global__ void merge_chunks_kernel(SamplingParams s, SampleLayout layout) {
-  const int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (row >= s.fusion.batch) return;
-  RowState& state = layout.rows[row];
-  Candidate best = no_candidate();
-  float max = -INFINITY;
-  bool no_token = state.no_token != 0;
-  for (int64_t c = 0; c < layout.chunks; ++c) {
-    const ChunkPartial part = layout.partials[row * layout.chunks + c];
-    best = better_candidate(best, part.best);
-    max = fmaxf(max, part.max);
+  // The row's last block: fold every chunk's partial into the row state.
+  __threadfence();
+  Candidate row_best = no_candidate();
+  float row_max = -INFINITY;
+  bool no_token = false;
+  for (int64_t c = threadIdx.x; c < layout.chunks; c += kSampleThreads) {
+    const ChunkPartial part = load_partial(layout.partials + row * layout.chunks + c);
+    row_best = better_candidate(row_best, part.best);
+    row_max = fmaxf(row_max, part.max);
     no_token |= part.no_token != 0;
   }
+  no_token = __syncthreads_or(no_token) || state.no_token != 0;
+  row_max = MaxReduce(storage.max).Reduce(row_max, MaxOp());
+  __syncthreads();
+  row_best = BestReduce(storage.best).Reduce(row_best, BetterOp());
+  if (threadIdx.x != 0) return;
+  RowState& out = layout.rows[row];
+  out.arrived = 0;  // the next pass counts from zero
   if (kPass == ChunkPass::kReferenceMax) {
     // A +inf in the reference makes every ratio p_ref / max p_ref NaN or 0.
-    state.no_token = no_token || max == INFINITY;
-    state.plausibility_cut = plausibility_cut_from_max(s.fusion, max);
+    out.no_token = no_token || row_max == INFINITY;
+    out.plausibility_cut = plausibility_cut_from_max(p, row_max);
   } else if (kPass == ChunkPass::kStats) {
-    state.no_token = no_token || max == -INFINITY;
-    state.x_max = max;
+    out.no_token = no_token || row_max == -INFINITY;
+    out.x_max = row_max;
   } else {
-    s.tokens[row] = no_token || best.index < 0 ? -1 : best.index;
+    s.tokens[row] = no_token || row_best.index < 0 ? -1 : row_best.index;
   }
 }
 
