@@ -6,11 +6,15 @@ core ops do not.
 from .processors import (
     CollaborativeLogitsProcessor,
     ContrastiveDecodingLogitsProcessor,
+    DynamicFusionLogitsProcessor,
+    EFTLogitsProcessor,
     ProxyTuningLogitsProcessor,
 )
 
 __all__ = [
     "CollaborativeLogitsProcessor",
     "ContrastiveDecodingLogitsProcessor",
+    "DynamicFusionLogitsProcessor",
+    "EFTLogitsProcessor",
     "ProxyTuningLogitsProcessor",
 ]

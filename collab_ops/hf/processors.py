@@ -2,18 +2,20 @@
 
 `generate` runs the main model and hands its last-position scores to the processor; the processor
 runs each auxiliary model itself, with its own KV cache, and replaces the scores by
-`collab_ops.fuse_logits` of all models.
+`collab_ops.fuse_logits` of all models (with per-row weights from `collab_ops.dynamic_fusion_weights`
+in dynamic fusion).
 """
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
 from .. import presets
-from ..ops.fusion import fuse_logits
+from .._validation import check_positive
+from ..ops.fusion import _canonical_grid, dynamic_fusion_weights, fuse_logits
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -44,63 +46,24 @@ class _AuxiliaryModelState:
         return outputs.logits[:, -1]
 
 
-class CollaborativeLogitsProcessor(LogitsProcessor):
-    """Replace the main model's scores by `fuse_logits([main, *auxiliary], [main_weight, *weights])`.
+class _AuxiliaryModelsProcessor(LogitsProcessor):
+    """The state every processor here shares: auxiliary models, their caches, mask and positions.
 
-    Args:
-        models: the auxiliary causal LMs (one device, the one `generate` runs on). They must use the
-            main model's tokenizer; vocabularies may differ in width only (padding), and are aligned
-            to the smallest width or to `vocab_size` in `fusion_options`.
-        weights: one fusion weight per auxiliary model.
-        main_weight: the main model's weight.
-        attention_mask: the prompt's attention mask, the one given to `generate`. `generate` does
-            not pass its mask to processors, so a left-padded batch needs it here; None means no
-            padding.
-        fusion_options: further `fuse_logits` options (temperatures, normalize,
-            plausibility_alpha, plausibility_ref, vocab_size, backend). Model 0 is the main model.
-            `output` is always "logits": the result replaces raw scores, so later warpers
-            (temperature, top-k, ...) see scores on the scale they expect from the fusion.
-
-    Each processor serves one `generate` call: the first call runs the auxiliary models on the whole
-    prompt (position ids from the mask's cumulative sum, so left padding is right), later calls
-    run only the newest token against the cached prefix, extending the mask by one column, as
-    `generate` does for the main model (finished rows keep receiving pad tokens, unmasked, like
-    the main model's). The result is float32 of the main model's width; columns beyond the fused
-    vocabulary are −inf so `generate` never picks them.
-
-    Beam search is not supported: it reorders the batch between steps and this processor does
-    not reorder the auxiliary caches. A batch size other than the prompt's raises, which also
-    catches `num_beams > 1` when `attention_mask` is given. For sampling with
-    `num_return_sequences = n`, pass `attention_mask.repeat_interleave(n, dim=0)`.
+    Subclasses call `_auxiliary_logits(input_ids)` once per step and fuse the result with the
+    main model's scores; `_to_main_width` pads the fused scores back to the main model's width.
+    The rules (first call = whole prompt, then one token per call; left padding; batch and
+    beam-search checks) are documented on `CollaborativeLogitsProcessor`.
     """
 
-    def __init__(
-        self,
-        models: Sequence[torch.nn.Module],
-        weights: Sequence[float],
-        *,
-        main_weight: float = 1.0,
-        attention_mask: Optional[torch.Tensor] = None,
-        **fusion_options,
-    ):
-        if isinstance(models, torch.nn.Module):
-            raise TypeError("models must be a sequence of models; wrap a single model in a list")
-        models = list(models)
-        weights = [float(w) for w in weights]
+    def __init__(self, models: Sequence[torch.nn.Module], attention_mask: Optional[torch.Tensor]):
         if not models:
             raise ValueError("models must name at least one auxiliary model")
-        if len(weights) != len(models):
-            raise ValueError(f"got {len(weights)} weights for {len(models)} auxiliary models")
-        if "output" in fusion_options:
-            raise TypeError("output is fixed to 'logits': the result replaces the main model's scores")
         devices = [_model_device(m) for m in models]
         if any(d != devices[0] for d in devices):
             raise ValueError(f"auxiliary models must share one device, got {[str(d) for d in devices]}")
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [batch, prompt_length], got shape {tuple(attention_mask.shape)}")
         self.device = devices[0]
-        self.weights = [float(main_weight), *weights]
-        self.fusion_options = fusion_options
         self._auxiliary = [_AuxiliaryModelState(m) for m in models]
         self._prompt_mask = attention_mask
         self._attention_mask: Optional[torch.Tensor] = None
@@ -148,18 +111,83 @@ class CollaborativeLogitsProcessor(LogitsProcessor):
             new_ids = input_ids[:, -1:]
         return new_ids, mask, position_ids
 
-    @torch.no_grad()
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def _auxiliary_logits(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
+        """Each auxiliary model's next-token logits `[B, V_k]` after `input_ids`, in model order."""
         new_ids, mask, position_ids = self._step_inputs(input_ids)
-        auxiliary_logits = [aux.next_token_logits(new_ids, mask, position_ids) for aux in self._auxiliary]
+        logits = [aux.next_token_logits(new_ids, mask, position_ids) for aux in self._auxiliary]
         self._attention_mask = mask
         self._seen_ids = input_ids
-        fused = fuse_logits([scores, *auxiliary_logits], self.weights, output="logits", **self.fusion_options)
+        return logits
+
+    @staticmethod
+    def _to_main_width(fused: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """`fused` with −inf columns appended up to the main model's width, so `generate` never
+        picks a token outside the shared vocabulary."""
         if fused.shape[-1] == scores.shape[-1]:
             return fused
         padded = fused.new_full((fused.shape[0], scores.shape[-1]), float("-inf"))
         padded[:, : fused.shape[-1]] = fused
         return padded
+
+
+class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
+    """Replace the main model's scores by `fuse_logits([main, *auxiliary], [main_weight, *weights])`.
+
+    Args:
+        models: the auxiliary causal LMs (one device, the one `generate` runs on). They must use the
+            main model's tokenizer; vocabularies may differ in width only (padding), and are aligned
+            to the smallest width or to `vocab_size` in `fusion_options`.
+        weights: one fusion weight per auxiliary model.
+        main_weight: the main model's weight.
+        attention_mask: the prompt's attention mask, the one given to `generate`. `generate` does
+            not pass its mask to processors, so a left-padded batch needs it here; None means no
+            padding.
+        fusion_options: further `fuse_logits` options (temperatures, normalize,
+            plausibility_alpha, plausibility_ref, vocab_size, backend). Model 0 is the main model.
+            `output` is always "logits": the result replaces raw scores, so later warpers
+            (temperature, top-k, ...) see scores on the scale they expect from the fusion.
+
+    Each processor serves one `generate` call: the first call runs the auxiliary models on the whole
+    prompt (position ids from the mask's cumulative sum, so left padding is right), later calls
+    run only the newest token against the cached prefix, extending the mask by one column, as
+    `generate` does for the main model (finished rows keep receiving pad tokens, unmasked, like
+    the main model's). The result is float32 of the main model's width; columns beyond the fused
+    vocabulary are −inf so `generate` never picks them.
+
+    Sampling with `num_return_sequences = n` works: `generate` repeats every prompt row n times
+    (`repeat_interleave`), so pass `attention_mask.repeat_interleave(n, dim=0)` (or no mask when
+    nothing is padded). Beam search is not supported: it reorders the batch between steps and
+    this processor does not reorder the auxiliary caches. A batch size other than the prompt's
+    raises, which also catches `num_beams > 1` when `attention_mask` is given; rows whose
+    earlier tokens changed between steps raise too, so a cache is never used for another row.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[torch.nn.Module],
+        weights: Sequence[float],
+        *,
+        main_weight: float = 1.0,
+        attention_mask: Optional[torch.Tensor] = None,
+        **fusion_options,
+    ):
+        if isinstance(models, torch.nn.Module):
+            raise TypeError("models must be a sequence of models; wrap a single model in a list")
+        models = list(models)
+        weights = [float(w) for w in weights]
+        if models and len(weights) != len(models):
+            raise ValueError(f"got {len(weights)} weights for {len(models)} auxiliary models")
+        if "output" in fusion_options:
+            raise TypeError("output is fixed to 'logits': the result replaces the main model's scores")
+        super().__init__(models, attention_mask)
+        self.weights = [float(main_weight), *weights]
+        self.fusion_options = fusion_options
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        auxiliary_logits = self._auxiliary_logits(input_ids)
+        fused = fuse_logits([scores, *auxiliary_logits], self.weights, output="logits", **self.fusion_options)
+        return self._to_main_width(fused, scores)
 
 
 def _preset_arguments(models, options: dict, attention_mask) -> dict:
@@ -168,11 +196,19 @@ def _preset_arguments(models, options: dict, attention_mask) -> dict:
 
 
 class ContrastiveDecodingLogitsProcessor(CollaborativeLogitsProcessor):
-    """Contrastive decoding (Li et al., ACL 2023) with the main model as the expert.
+    """Contrastive decoding with the main model as the expert.
 
-    Score log p_exp − log p_ama(· / amateur_temperature) on the expert's plausible tokens
-    {x : p_exp(x) ≥ alpha · max p_exp}, −inf elsewhere (`collab_ops.presets.contrastive_decoding`).
-    Greedy decoding of this score is the paper's method.
+    beta=None: Li et al. (ACL 2023), `collab_ops.presets.contrastive_decoding`: score
+    log p_exp − log p_ama(· / amateur_temperature), in log-probability space.
+    beta=b: O'Brien & Lewis (2023), `collab_ops.presets.cd_reasoning`: score
+    (1 + b) · l_exp − b · l_ama on raw logits.
+
+    Both keep only the expert's plausible tokens {x : p_exp(x) ≥ alpha · max p_exp} (−inf
+    elsewhere). Greedy decoding of the score is the papers' method. `amateur_temperature` belongs
+    to Li et al.'s formulation only: with `beta` the amateur's strength is set by b alone (an
+    amateur temperature τ would only rescale its weight to b/τ, a parameterisation neither paper
+    uses), so a `beta` together with an `amateur_temperature` other than 1 raises ValueError.
+    Batching, padding and generation-mode rules: see `CollaborativeLogitsProcessor`.
     """
 
     def __init__(
@@ -180,10 +216,20 @@ class ContrastiveDecodingLogitsProcessor(CollaborativeLogitsProcessor):
         amateur: torch.nn.Module,
         *,
         alpha: float = 0.1,
+        beta: Optional[float] = None,
         amateur_temperature: float = 1.0,
         attention_mask: Optional[torch.Tensor] = None,
     ):
-        options = presets.contrastive_decoding(alpha=alpha, amateur_temperature=amateur_temperature)
+        if beta is None:
+            options = presets.contrastive_decoding(alpha=alpha, amateur_temperature=amateur_temperature)
+        else:
+            if check_positive("amateur_temperature", amateur_temperature) != 1.0:
+                raise ValueError(
+                    f"amateur_temperature={amateur_temperature} applies to Li et al.'s contrastive decoding "
+                    "(beta=None) only; with beta the amateur's weight is beta itself: leave "
+                    "amateur_temperature at 1.0 or set beta=None"
+                )
+            options = presets.cd_reasoning(beta=beta, alpha=alpha)
         super().__init__(**_preset_arguments([amateur], options, attention_mask))
 
 
@@ -191,7 +237,8 @@ class ProxyTuningLogitsProcessor(CollaborativeLogitsProcessor):
     """Proxy-tuning (Liu et al., COLM 2024) with the main model as the large base model.
 
     Score log p_large + alpha · (log p_tuned_small − log p_base_small)
-    (`collab_ops.presets.proxy_tuning`).
+    (`collab_ops.presets.proxy_tuning`). Batching, padding and generation-mode rules: see
+    `CollaborativeLogitsProcessor`.
     """
 
     def __init__(
@@ -204,3 +251,75 @@ class ProxyTuningLogitsProcessor(CollaborativeLogitsProcessor):
     ):
         options = presets.proxy_tuning(alpha=alpha)
         super().__init__(**_preset_arguments([tuned_small, base_small], options, attention_mask))
+
+
+class EFTLogitsProcessor(CollaborativeLogitsProcessor):
+    """Emulated fine-tuning (Mitchell et al., ICLR 2024) with the main model as the pretrained
+    model of the other scale.
+
+    Score log p_main + beta · (log p_ft − log p_ref) (`collab_ops.presets.eft`), where `ft_model`
+    is a fine-tuned model and `ref_model` the pretrained model it was fine-tuned from. Up-scaling
+    (emulate fine-tuning a large model): main = large pretrained, ft/ref = small; down-scaling:
+    main = small pretrained, ft/ref = large. The arithmetic is the same, so the models passed
+    decide the direction. beta scales the fine-tuning behaviour (beta = 1 is plain EFT).
+    Batching, padding and generation-mode rules: see `CollaborativeLogitsProcessor`.
+    """
+
+    def __init__(
+        self,
+        ft_model: torch.nn.Module,
+        ref_model: torch.nn.Module,
+        *,
+        beta: float = 1.0,
+        attention_mask: Optional[torch.Tensor] = None,
+    ):
+        options = presets.eft(beta=beta)
+        super().__init__(**_preset_arguments([ft_model, ref_model], options, attention_mask))
+
+
+class DynamicFusionLogitsProcessor(_AuxiliaryModelsProcessor):
+    """Dynamic logits fusion (Fan et al., NeurIPS 2024) with the main model as the large model.
+
+    Every step, for every row, `collab_ops.dynamic_fusion_weights` picks each expert's α_t in
+    `grid` (default 0, 0.1, ..., 2.0), the per-expert search of the paper's KL objective, and
+    the scores become the raw logits l_large + Σ_t α_t (l_expert_t − l_base), fused by
+    `collab_ops.fuse_logits` with per-row weights.
+
+    Args:
+        experts: one tuned small model, or a sequence of them (each tuned from `base_small`).
+        base_small: the small model the experts were tuned from.
+        grid: the candidate weights: a sequence of finite floats or a 1-D tensor on the models'
+            device (see `collab_ops.dynamic_fusion_weights`).
+        attention_mask: the prompt's attention mask, as for `CollaborativeLogitsProcessor`.
+
+    Vocabularies are aligned to the narrowest model; columns of the main model beyond it are
+    −inf. Batching, padding and generation-mode rules: see `CollaborativeLogitsProcessor`.
+    """
+
+    def __init__(
+        self,
+        experts: Union[torch.nn.Module, Sequence[torch.nn.Module]],
+        base_small: torch.nn.Module,
+        *,
+        grid: Union[None, Sequence[float], torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ):
+        experts = [experts] if isinstance(experts, torch.nn.Module) else list(experts)
+        if not experts:
+            raise ValueError("experts must name at least one tuned small model")
+        if not isinstance(base_small, torch.nn.Module):
+            raise TypeError(f"base_small must be a model (torch.nn.Module), got {type(base_small).__name__}")
+        super().__init__([*experts, base_small], attention_mask)
+        self.num_experts = len(experts)
+        # Canonical once, on the models' device: a list grid would otherwise cost a host-to-device
+        # copy every step.
+        self.grid = _canonical_grid(grid, self.device)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        *expert_logits, base_logits = self._auxiliary_logits(input_ids)
+        alpha = dynamic_fusion_weights(scores, expert_logits, base_logits, grid=self.grid)
+        # Model order [large, experts..., base]: l_large + Σ α_t l_t − (Σ α_t) l_base.
+        weights = torch.cat([torch.ones_like(alpha[:, :1]), alpha, -alpha.sum(dim=1, keepdim=True)], dim=1)
+        fused = fuse_logits([scores, *expert_logits, base_logits], weights, normalize=False, output="logits")
+        return self._to_main_width(fused, scores)
