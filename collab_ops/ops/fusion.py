@@ -22,6 +22,7 @@ refuse, say, more than 8 models; the reference accepts any K.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Union
 
@@ -99,8 +100,16 @@ def _canonical_weights(weights: Weights, num_models: int, batch: int, device: to
         raise TypeError(f"weights must be a list of K floats or a [B, K] tensor, got {type(weights).__name__}")
     if len(weights) != num_models:
         raise ValueError(f"weights has {len(weights)} entries but logits has K={num_models} models")
-    values = [check_real(f"weights[{k}]", w) for k, w in enumerate(weights)]
-    return torch.tensor(values, dtype=torch.float32)
+    if all(type(w) is float or type(w) is int for w in weights):
+        return _constant_weights(tuple(weights))
+    return _constant_weights.__wrapped__(tuple(weights))  # bool, numpy scalars, ...: checked, not cached
+
+
+@functools.lru_cache(maxsize=256)
+def _constant_weights(weights: tuple) -> torch.Tensor:
+    """The [K] CPU float32 tensor of constant weights, built once per distinct list: a decoding
+    loop passes the same list every step. Kernels and references never write it."""
+    return torch.tensor([check_real(f"weights[{k}]", w) for k, w in enumerate(weights)], dtype=torch.float32)
 
 
 def _canonical_temperatures(temperatures, num_models: int) -> list[float]:
