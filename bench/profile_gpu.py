@@ -49,13 +49,13 @@ def cases():
     for batch in (1, 16, 128):
         logits = _logits(3, batch, VOCAB, torch.bfloat16)
         yield f"fused_sample proxy K=3 bf16 B={batch}", lambda l=logits: collab_ops.fused_sample(l, **proxy, seed=seed)
-    logits = _logits(3, 128, VOCAB, torch.bfloat16)
-    yield "fuse_logits proxy K=3 bf16 B=128 -> fp32", lambda: collab_ops.fuse_logits(logits, **proxy)
+    wide = _logits(3, 128, VOCAB, torch.bfloat16)
+    yield "fuse_logits proxy K=3 bf16 B=128 -> fp32", lambda: collab_ops.fuse_logits(wide, **proxy)
     large, expert, base = _logits(3, 16, VOCAB, torch.bfloat16)
     yield "dynamic_fusion_weights B=16 grid=21", lambda: collab_ops.dynamic_fusion_weights(large, [expert], base)
-    for batch, dtype, logits in ((1, torch.float32, False), (64, torch.float32, False), (64, torch.bfloat16, True)):
-        tokens, target, draft = _speculative_inputs(batch, 5, dtype, logits)
-        inputs = "logits" if logits else "probs"
+    for batch, dtype, from_logits in ((1, torch.float32, False), (64, torch.float32, False), (64, torch.bfloat16, True)):
+        tokens, target, draft = _speculative_inputs(batch, 5, dtype, from_logits)
+        inputs = "logits" if from_logits else "probs"
         yield (
             f"speculative_verify K=5 {inputs} {dtype} B={batch}",
             lambda t=tokens, p=target, q=draft, i=inputs: collab_ops.speculative_verify(t, p, q, inputs=i, seed=seed),

@@ -5,7 +5,8 @@
 // batch x chunks blocks, so any batch size fits), so that a batch of
 // one row still spreads over the whole GPU and every thread keeps kColumnsPerThread independent
 // loads in flight (one block per row left each SM waiting on memory latency). Row-wide
-// quantities come from per-chunk partial log-sum-exp states merged by the next kernel:
+// quantities come from per-chunk partial log-sum-exp states merged by one warp of each block of
+// the next kernel:
 //   1. (logits output or plausibility mask) model_stats_kernel: per chunk and model, max/lse;
 //   2. score_kernel: merges 1 into the per-row offsets and cut, writes the fused scores and the
 //      chunk's log-sum-exp state of them;
@@ -47,20 +48,50 @@ struct FusionWorkspace {
   int64_t num_chunks;
 };
 
-__device__ __forceinline__ OnlineLse merge_partials(const OnlineLse* partials, int64_t count, int64_t stride) {
-  // Few chunks per row (vocab / 2048): every thread merges them all, no reduction needed.
+// One warp merges `count` partial states (lane i takes i, i + 32, ...; then a shuffle tree), so that
+// a row of 75 chunks costs each lane three merges rather than one thread 75. The result is in lane 0.
+__device__ __forceinline__ OnlineLse warp_merge_partials(const OnlineLse* partials, int64_t count, int64_t stride) {
+  const int lane = threadIdx.x % 32;
   OnlineLse state = online_lse_init();
-  for (int64_t i = 0; i < count; ++i) state = online_lse_merge(state, partials[i * stride]);
+  for (int64_t i = lane; i < count; i += 32) state = online_lse_merge(state, partials[i * stride]);
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    OnlineLse other;
+    other.max = __shfl_down_sync(0xffffffffu, state.max, offset);
+    other.sum = __shfl_down_sync(0xffffffffu, state.sum, offset);
+    other.has_nan = __shfl_down_sync(0xffffffffu, state.has_nan, offset);
+    state = online_lse_merge(state, other);
+  }
   return state;
 }
 
-// The thread's kColumnsPerThread columns of model k, scaled by 1/T_k; -inf past the vocabulary.
-__device__ __forceinline__ void load_model_columns(const FusionParams& p, int k, int64_t row, int64_t begin,
-                                                   float* z) {
+template <typename Element, typename Convert>
+__device__ __forceinline__ void load_typed_columns(const Element* row_data, int64_t begin, int64_t vocab,
+                                                   float inv_temperature, Convert convert, float* z) {
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) {
     const int64_t col = begin + i * kFusionThreads + threadIdx.x;
-    z[i] = col < p.vocab ? scaled_logit(p, k, row, col) : -INFINITY;
+    z[i] = col < vocab ? convert(__ldg(row_data + col)) * inv_temperature : -INFINITY;
+  }
+}
+
+// The thread's kColumnsPerThread columns of model k, scaled by 1/T_k; -inf past the vocabulary.
+// The dtype is resolved once per call, so the column loads issue back to back.
+__device__ __forceinline__ void load_model_columns(const FusionParams& p, int k, int64_t row, int64_t begin,
+                                                   float* z) {
+  const int64_t offset = row * p.row_stride[k];
+  const float inv_temperature = p.inv_temperature[k];
+  switch (p.kind[k]) {
+    case ScalarKind::kBFloat16:
+      load_typed_columns(static_cast<const uint16_t*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
+                         [](uint16_t v) { return bfloat16_to_float(v); }, z);
+      break;
+    case ScalarKind::kFloat16:
+      load_typed_columns(static_cast<const uint16_t*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
+                         [](uint16_t v) { return float16_to_float(v); }, z);
+      break;
+    default:
+      load_typed_columns(static_cast<const float*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
+                         [](float v) { return v; }, z);
   }
 }
 
@@ -85,16 +116,23 @@ __global__ void __launch_bounds__(kFusionThreads) score_kernel(FusionParams p, F
   __shared__ float weight[kMaxFusedModels];
   __shared__ float offset[kMaxFusedModels];
   __shared__ float plausibility_cut;
-  if (threadIdx.x < p.num_models) {
-    const int k = threadIdx.x;
-    weight[k] = fusion_weight(p, row, k);
-    offset[k] = 0.f;
-    const bool used = weight[k] != 0.f || (p.use_plausibility && k == p.plausibility_ref);
-    if (used && needs_row_max(p, k)) {
-      const OnlineLse stats = merge_partials(ws.model_stats + row * ws.num_chunks * p.num_models + k,
-                                             ws.num_chunks, p.num_models);
-      if (needs_row_lse(p)) offset[k] = online_lse_value(stats);
-      if (p.use_plausibility && k == p.plausibility_ref) plausibility_cut = plausibility_cut_from_max(p, stats.max);
+  static_assert(kFusionThreads / 32 >= kMaxFusedModels, "one warp per model merges its partials");
+  const int k = threadIdx.x / 32;  // warp k serves model k
+  if (k < p.num_models) {
+    const float w = fusion_weight(p, row, k);
+    const bool used = w != 0.f || (p.use_plausibility && k == p.plausibility_ref);
+    const bool merges = used && needs_row_max(p, k);  // uniform across the warp
+    OnlineLse stats = online_lse_init();
+    if (merges) {
+      stats = warp_merge_partials(ws.model_stats + row * ws.num_chunks * p.num_models + k, ws.num_chunks,
+                                  p.num_models);
+    }
+    if (threadIdx.x % 32 == 0) {
+      weight[k] = w;
+      offset[k] = merges && needs_row_lse(p) ? online_lse_value(stats) : 0.f;
+      if (merges && p.use_plausibility && k == p.plausibility_ref) {
+        plausibility_cut = plausibility_cut_from_max(p, stats.max);
+      }
     }
   }
   if (threadIdx.x == 0 && !p.use_plausibility) plausibility_cut = -INFINITY;
@@ -153,9 +191,14 @@ __global__ void __launch_bounds__(kFusionThreads) score_kernel(FusionParams p, F
 
 __global__ void __launch_bounds__(kFusionThreads) finish_kernel(FusionParams p, FusionWorkspace ws) {
   const int64_t chunk = blockIdx.x % ws.num_chunks, row = blockIdx.x / ws.num_chunks;
-  const OnlineLse stats = merge_partials(ws.score_stats + row * ws.num_chunks, ws.num_chunks, 1);
-  const bool poisoned = stats.has_nan;
-  const float lse = online_lse_value(stats);
+  __shared__ OnlineLse row_stats;
+  if (threadIdx.x < 32) {
+    const OnlineLse merged = warp_merge_partials(ws.score_stats + row * ws.num_chunks, ws.num_chunks, 1);
+    if (threadIdx.x == 0) row_stats = merged;
+  }
+  __syncthreads();
+  const bool poisoned = row_stats.has_nan;
+  const float lse = online_lse_value(row_stats);
   // Nothing to do: logits output of a clean row, or an all-excluded row that stays all -inf.
   if (!poisoned && (!p.output_logprobs || lse == -INFINITY)) return;
   float* out = p.out + row * p.out_row_stride;
