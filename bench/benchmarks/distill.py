@@ -8,28 +8,10 @@ from __future__ import annotations
 import torch
 
 from bench.harness import Case, CallOrReason, benchmark, public_op_call
+from collab_ops.baselines import eager_forward_kl, eager_linear_jsd
 
 LLAMA3_VOCAB = 128256
 JSD_BETA = 0.5
-
-
-def eager_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float) -> torch.Tensor:
-    log_s = torch.log_softmax(student_logits.float(), dim=-1)
-    log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
-    p_s, p_t = log_s.exp(), log_t.exp()
-    log_m = (beta * p_t + (1 - beta) * p_s).log()
-    per_row = beta * (p_t * (log_t - log_m)).sum(-1) + (1 - beta) * (p_s * (log_s - log_m)).sum(-1)
-    return per_row.mean()
-
-
-def eager_linear_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, beta: float) -> torch.Tensor:
-    return eager_jsd(student_hidden @ student_weight.T, teacher_hidden @ teacher_weight.T, beta)
-
-
-def eager_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    log_s = torch.log_softmax(student_logits.float(), dim=-1)
-    log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
 
 
 def liger_call(student_hidden, student_weight, teacher_hidden, teacher_weight, device: torch.device) -> CallOrReason:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from bench.harness import Case, benchmark, public_op_call
+from collab_ops.baselines import eager_dynamic_fusion_weights, eager_fuse_logits, eager_proxy_tuning_step
 
 QWEN25_VOCAB = 152064  # Qwen2.5-7B's padded vocabulary
 QUICK_VOCAB = 32000
@@ -25,37 +26,6 @@ def model_logits(count: int, batch: int, vocab: int, dtype: torch.dtype, device:
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def eager_fused_score(logits: list, weights: tuple) -> torch.Tensor:
-    return sum(w * torch.log_softmax(l.float(), dim=-1) for w, l in zip(weights, logits))
-
-
-def eager_proxy_tuning_step(logits: list, weights: tuple) -> torch.Tensor:
-    probs = torch.softmax(eager_fused_score(logits, weights), dim=-1)
-    return torch.multinomial(probs, 1).squeeze(1)
-
-
-def eager_fuse_logits(logits: list, weights: tuple) -> torch.Tensor:
-    return torch.log_softmax(eager_fused_score(logits, weights), dim=-1)
-
-
-def eager_dynamic_fusion_weights(large: torch.Tensor, expert: torch.Tensor, base: torch.Tensor, grid: tuple) -> torch.Tensor:
-    """Dynamic logits fusion (Fan et al. 2024) for one expert: one full pass over [B, V] per candidate."""
-    log_p = torch.log_softmax(large.float(), dim=-1)
-    log_q = torch.log_softmax(base.float(), dim=-1)
-    log_q_expert = torch.log_softmax(expert.float(), dim=-1)
-    kl_expert_base = (log_q_expert.exp() * (log_q_expert - log_q)).sum(-1)
-    kl_base_expert = (log_q.exp() * (log_q - log_q_expert)).sum(-1)
-    shift = expert.float() - base.float()
-    objectives = []
-    for alpha in grid:
-        log_p_fused = torch.log_softmax(large.float() + alpha * shift, dim=-1)
-        kl_fused_large = (log_p_fused.exp() * (log_p_fused - log_p)).sum(-1)
-        kl_large_fused = (log_p.exp() * (log_p - log_p_fused)).sum(-1)
-        objectives.append((kl_fused_large - kl_expert_base) ** 2 + (kl_large_fused - kl_base_expert) ** 2)
-    best = torch.stack(objectives, dim=-1).argmin(dim=-1)
-    return torch.tensor(grid, device=large.device)[best].unsqueeze(-1)
 
 
 _PROXY_SHAPES = dict(

@@ -12,31 +12,9 @@ import torch
 
 from bench.benchmarks.fusion import QUICK_VOCAB, QWEN25_VOCAB
 from bench.harness import Case, CallOrReason, benchmark, public_op_call
+from collab_ops.baselines import eager_speculative_verify
 
 NUM_DRAFT = 5
-
-
-def eager_speculative_verify(draft_tokens: torch.Tensor, target: torch.Tensor, draft: torch.Tensor, from_logits: bool):
-    if from_logits:
-        target = torch.softmax(target.float(), dim=-1)
-        draft = torch.softmax(draft.float(), dim=-1)
-    batch, num_draft = draft_tokens.shape
-    ids = draft_tokens.unsqueeze(-1)
-    p = target[:, :num_draft].gather(-1, ids).squeeze(-1)
-    q = draft.gather(-1, ids).squeeze(-1)
-    accepted = torch.rand_like(p) * q < p  # u < p/q, i.e. accept with probability min(1, p/q)
-    num_accepted = accepted.long().cumprod(dim=1).sum(dim=1)
-    rows = torch.arange(batch, device=draft_tokens.device)
-    p_next = target[rows, num_accepted]
-    # With every draft accepted there is no q: the residual is the bonus row of the target itself.
-    q_next = torch.where(
-        (num_accepted < num_draft).unsqueeze(-1), draft[rows, num_accepted.clamp(max=num_draft - 1)], 0.0
-    )
-    next_token = torch.multinomial((p_next - q_next).clamp_min(0), 1)
-    positions = torch.arange(num_draft + 1, device=draft_tokens.device)
-    padded = torch.cat([draft_tokens, draft_tokens.new_full((batch, 1), -1)], dim=1)
-    tokens = torch.where(positions < num_accepted.unsqueeze(-1), padded, -1).scatter(1, num_accepted.unsqueeze(-1), next_token)
-    return tokens, num_accepted + 1
 
 
 def flashinfer_call(draft_tokens, target, draft, inputs: str, device: torch.device) -> CallOrReason:
