@@ -4,7 +4,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM, LogitsProcessorList  # noqa: E402
+from transformers import LogitsProcessorList  # noqa: E402
 
 from collab_ops.hf import (  # noqa: E402
     CollaborativeLogitsProcessor,
@@ -12,28 +12,9 @@ from collab_ops.hf import (  # noqa: E402
     ProxyTuningLogitsProcessor,
 )
 
+from tiny_models import VOCAB, tiny_llama  # noqa: E402
+
 NEW_TOKENS = 6
-VOCAB = 64
-
-
-def tiny_llama(seed, vocab_size=VOCAB):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
-    # Without an eos token every row generates exactly NEW_TOKENS, as the naive loop does.
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 def last_logits(model, ids, mask):
