@@ -1,6 +1,7 @@
 """collab_ops.hf.DistillationTrainer against the KD loss computed naively from both models' full
 logits, under gradient accumulation and under a two-process torchrun (gloo, CPU)."""
 import copy
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate 
 from transformers import TrainingArguments  # noqa: E402
 
 from collab_ops.hf import DistillationTrainer  # noqa: E402
+from collab_ops.hf import trainer as trainer_module  # noqa: E402
 from hf_trainer_ddp_worker import ONE_STEP_KD_OPTIONS, UNEVEN_LENGTHS  # noqa: E402
 from tiny_models import VOCAB, pad_batch, tiny_llama, token_rows  # noqa: E402
 
@@ -113,6 +115,26 @@ def test_first_step_matches_loss_from_full_logits(tmp_path, case):
     assert head_output_shapes and all(shape[1] == 0 for shape in head_output_shapes)
 
 
+def test_bf16_mixed_precision_computes_the_heads_in_bf16(tmp_path, monkeypatch):
+    student, teacher = tiny_llama(0), tiny_llama(1, hidden_size=48)
+    rows = token_rows(0, (5, 9, 3, 7))
+    batch = pad_batch(rows)
+    expected = naive_kd_loss(copy.deepcopy(student), teacher, batch, vocab=VOCAB)
+    operand_dtypes = []
+    original = trainer_module.fused_linear_kd_loss
+
+    def spy(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, **kwargs):
+        operand_dtypes.append({t.dtype for t in (student_hidden, student_weight, teacher_hidden, teacher_weight)})
+        return original(student_hidden, student_weight, teacher_hidden, teacher_weight, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "fused_linear_kd_loss", spy)
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=training_args(tmp_path, bf16=True),
+                                  train_dataset=rows, data_collator=pad_batch)
+    trainer.train()
+    assert operand_dtypes[-1] == {torch.bfloat16}
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(expected.item(), rel=0.05)
+
+
 def test_gradient_accumulation_equals_one_double_batch(tmp_path):
     rows = token_rows(1, UNEVEN_LENGTHS)
     kd_options = {**ONE_STEP_KD_OPTIONS, "temperature": 2.0}
@@ -142,7 +164,7 @@ def test_a_few_hundred_steps_lower_the_loss(tmp_path):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < 0.2 * losses[0], losses
 
 
 def test_kd_options_are_checked_when_the_trainer_is_built(tmp_path):
@@ -219,3 +241,54 @@ def test_torchrun_two_processes_train_in_sync(tmp_path):
         assert any(not torch.equal(p, initial[name]) for name, p in ranks[0][run].items()), run
     for rank in ranks:
         assert rank["losses"][-1] < rank["losses"][0]
+
+
+def load_example(name):
+    path = TESTS_DIR.parent / "python" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the main guard keeps it from running
+    return module
+
+
+def word_level_tokenizer(num_words):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{f"w{i}": 3 + i for i in range(num_words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+
+
+def test_distill_example_trains_saved_models(tmp_path, capsys):
+    distill = load_example("distill")
+    tokenizer = word_level_tokenizer(VOCAB - 3)
+    folders = {"student": tiny_llama(0), "teacher": tiny_llama(1, vocab_size=VOCAB + 16, hidden_size=48)}
+    for name, model in folders.items():
+        model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    generator = torch.Generator().manual_seed(5)
+    lines = [" ".join(f"w{i}" for i in torch.randint(0, VOCAB - 3, (int(n),), generator=generator))
+             for n in torch.randint(3, 12, (12,), generator=generator)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n\n")
+
+    result = distill.main([
+        "--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+        "--dataset", str(tmp_path / "corpus.txt"), "--output-dir", str(tmp_path / "out"), "--use-cpu",
+        "--max-steps", "3", "--batch-size", "4", "--divergence", "jsd", "--temperature", "2", "--hard-weight", "0.5",
+        "--learning-rate", "1e-2",
+    ])
+    assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
+    assert "trained 3 steps" in capsys.readouterr().out
+    trained = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    initial = parameters(folders["student"])
+    assert any(not torch.equal(p, initial[name]) for name, p in parameters(trained).items())
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == tokenizer.get_vocab()
+
+
+def test_distill_example_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_example("distill").main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--divergence" in capsys.readouterr().out

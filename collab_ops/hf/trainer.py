@@ -31,7 +31,12 @@ a gradient-accumulation step (and over all processes when `average_tokens_across
 default), `compute_loss` divides the micro-batch's sum by that count, and - as Trainer does for
 models that take `num_items_in_batch` - multiplies by the number of processes when the count is
 global, since DDP averages gradients over processes. So k accumulation steps, or k processes, give
-the gradient of one batch k times larger.
+the gradient of one batch k times larger. Evaluation batches are counted the same way, one batch
+at a time.
+
+Precision: the teacher runs under the same autocast as the student's forward (the accelerator's
+mixed precision), and the heads are applied in the dtype a Linear would get there (bf16/fp16 under
+mixed precision, else the weights'); the fused op accumulates in fp32 and returns an fp32 loss.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ KD_OPTION_NAMES = (
     "divergence", "beta", "temperature", "scale_by_t2", "soft_weight", "hard_weight", "chunk_size",
     "logit_softcap", "vocab_size", "backend",
 )
+_MIXED_PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Arguments of fused_linear_kd_loss that the trainer itself supplies, with the reason.
 _TRAINER_SUPPLIED = {
     "reduction": "the loss is a mean over the target tokens of the optimizer step",
@@ -152,14 +158,6 @@ def _final_hidden_states(model: nn.Module, head: nn.Module, inputs: dict, name: 
     return recorded[0], outputs
 
 
-def _head_operands(hidden, weight, bias):
-    """hidden, weight, bias in the dtype the head itself would compute in: autocast's, when it
-    is on for their device (as a Linear under autocast does), else the weight's."""
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    return tuple(None if t is None else t.to(dtype) for t in (hidden, weight, bias))
-
-
 class DistillationTrainer(Trainer):
     """`transformers.Trainer` that distils `teacher_model` into `model` (the student) with
     `collab_ops.fused_linear_kd_loss`.
@@ -250,6 +248,17 @@ class DistillationTrainer(Trainer):
             raise type(error)(f"kd_options: {error}") from error
         return options
 
+    def _head_operands(self, hidden, head: nn.Module, device: torch.device):
+        """hidden, weight, bias on `device` in the dtype the head itself would compute in: that of
+        autocast when it is on, or of the mixed precision the Trainer's accelerator runs the model's
+        forward in (what a Linear gets there), else the weight's."""
+        weight, bias = head.weight, getattr(head, "bias", None)
+        if torch.is_autocast_enabled(device.type):
+            dtype = torch.get_autocast_dtype(device.type)
+        else:
+            dtype = _MIXED_PRECISION_DTYPES.get(self.accelerator.mixed_precision, weight.dtype)
+        return tuple(None if t is None else t.to(device=device, dtype=dtype) for t in (hidden, weight, bias))
+
     def _counts_are_global(self) -> bool:
         return self.args.average_tokens_across_devices and self.accelerator.num_processes > 1
 
@@ -290,16 +299,14 @@ class DistillationTrainer(Trainer):
         student_head = student.get_output_embeddings()
         student_hidden, outputs = _final_hidden_states(model, student_head, model_inputs, "student")
         teacher_head = self.teacher_model.get_output_embeddings()
-        with torch.no_grad():
+        # the same autocast as the student's forward, which the accelerator wraps in it
+        with torch.no_grad(), self.accelerator.autocast():
             teacher_hidden, _ = _final_hidden_states(self.teacher_model, teacher_head, model_inputs, "teacher")
 
         device = student_hidden.device
-        student_operands = _head_operands(student_hidden, student_head.weight, getattr(student_head, "bias", None))
-        # a teacher dispatched over devices (hf_device_map) may end elsewhere than the student
-        teacher_operands = tuple(
-            None if t is None else t.to(device)
-            for t in _head_operands(teacher_hidden, teacher_head.weight, getattr(teacher_head, "bias", None))
-        )
+        student_operands = self._head_operands(student_hidden, student_head, device)
+        # (a teacher dispatched over devices with hf_device_map may end elsewhere than the student)
+        teacher_operands = self._head_operands(teacher_hidden, teacher_head, device)
         denominator = None
         if num_items_in_batch is not None:
             # all targets ignored: the sum is 0, and 0/1 keeps the loss and gradients finite
