@@ -1,4 +1,5 @@
-"""Hugging Face `generate` hooks: logits processors that run auxiliary models next to the main one.
+"""Hugging Face hooks: `generate` logits processors that run auxiliary models next to the main
+one, and DistillationTrainer (a `transformers.Trainer` with the fused KD loss).
 
 Import this subpackage explicitly (`import collab_ops.hf`); it needs `transformers`, which the
 core ops do not.
@@ -10,10 +11,12 @@ from .processors import (
     EFTLogitsProcessor,
     ProxyTuningLogitsProcessor,
 )
+from .trainer import DistillationTrainer
 
 __all__ = [
     "CollaborativeLogitsProcessor",
     "ContrastiveDecodingLogitsProcessor",
+    "DistillationTrainer",
     "DynamicFusionLogitsProcessor",
     "EFTLogitsProcessor",
     "ProxyTuningLogitsProcessor",
