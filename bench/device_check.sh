@@ -79,6 +79,20 @@ run_step build 240 "$BENCH_RESERVE_S" env COLLAB_OPS_CUDA=1 MAX_JOBS=16 TORCH_CU
 run_step import 60 "$BENCH_RESERVE_S" python3 -c 'import collab_ops; print(collab_ops.backend_status())'
 cat "$OUT/import.log"
 
+# transformers.Trainer (DistillationTrainer and its tests) needs accelerate; that machine may lack it
+# and cannot reach an index, so its wheel (and psutil's) may be carried in .whl/.
+if ! python3 -c "import accelerate" 2> /dev/null; then
+  shopt -s nullglob
+  trainer_wheels=(.whl/accelerate-*.whl .whl/psutil-*.whl)
+  shopt -u nullglob
+  if (( ${#trainer_wheels[@]} )) && run_step accelerate 60 "$BENCH_RESERVE_S" \
+      python3 -m pip install --no-index --no-deps --target /tmp/trainer-site "${trainer_wheels[@]}"; then
+    export PYTHONPATH="/tmp/trainer-site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "accelerate: not installed; the DistillationTrainer GPU tests skip" | tee -a "$OUT/summary.txt"
+  fi
+fi
+
 STEPS=" ${DEVICE_CHECK_STEPS:-tests bench} "
 wants() { [[ $STEPS == *" $1 "* ]]; }
 
