@@ -134,7 +134,10 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
   const int64_t end = min(p.vocab, begin + layout.chunk_columns);
   const RowState state = layout.rows[row];
   __shared__ ModelRow models[kMaxFusedModels];
+  // The best key any thread of the block has drawn so far, as ordered bits (atomicMax on floats).
+  __shared__ uint32_t block_best_bits;
   if (threadIdx.x < p.num_models) models[threadIdx.x] = model_row(p, threadIdx.x, row);
+  if (threadIdx.x == 0) block_best_bits = ordered_bits(-INFINITY);
   __syncthreads();
 
   constexpr bool kSample = kPass == ChunkPass::kSampleInputs || kPass == ChunkPass::kSampleWorkspace;
@@ -146,10 +149,12 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
   float local_max = -INFINITY;
   bool undefined = false;
   Candidate best = no_candidate();
-  // The best key in this warp so far: a column whose key x + noise cannot reach it (noise is below
-  // kGumbelNoiseBound) cannot be the row's token, so it skips the Philox draw and the logarithms.
-  // Skipping never changes the token, so the CPU kernel (which skips by its own rule) still agrees.
-  float warp_best_key = -INFINITY;
+  // A key some thread of the block has drawn: a column whose key x + noise cannot reach it (noise
+  // is below kGumbelNoiseBound) cannot be the row's token, so it skips the Philox draw and the
+  // logarithms. Skipping never changes the token, so the CPU kernel (which skips by its own rule)
+  // still agrees. The block shares its best key after every sweep: with 1024 columns a sweep, the
+  // bar soon rises to where few columns of a real (or even a Gaussian) row need their noise.
+  float shared_best_key = -INFINITY;
   if (!state.no_token) {
     // Every thread runs every sweep, so that the warp can share its best key after each one.
     for (int64_t sweep = begin; sweep < end; sweep += kColumnsPerSweep) {
@@ -174,7 +179,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
           if (x[lane] != -INFINITY) best = better_candidate(best, Candidate{x[lane], first + lane});
         }
       } else if (draw) {
-        const float must_reach = fmaxf(warp_best_key, best.key);
+        const float must_reach = fmaxf(shared_best_key, best.key);
         bool reachable[4];
         bool any_reachable = false;
         for (int lane = 0; lane < 4; ++lane) {
@@ -191,7 +196,10 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
         }
         float key = best.key;
         for (int offset = 16; offset > 0; offset >>= 1) key = fmaxf(key, __shfl_xor_sync(0xffffffffu, key, offset));
-        warp_best_key = key;
+        if (threadIdx.x % 32 == 0) atomicMax(&block_best_bits, ordered_bits(key));
+        __syncthreads();  // `draw` is the same for the whole block
+        // Only ever grows, and every value is a drawn key, so reading a later sweep's value is safe.
+        shared_best_key = from_ordered_bits(block_best_bits);
       }
     }
   }
