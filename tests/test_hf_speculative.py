@@ -44,7 +44,7 @@ def target():
 
 
 @pytest.fixture(scope="module")
-def close_draft():
+def close_draft(target):
     return perturbed_copy(target, noise=0.004)
 
 
@@ -57,6 +57,7 @@ def test_greedy_equals_target_generate_on_left_padded_batch(target, close_draft,
         num_draft_tokens=num_draft_tokens, return_stats=True,
     )
     assert torch.equal(generated, expected)
+    assert all(torch.equal(x, y) for x, y in zip((ids, mask), prompts_of_different_lengths()))  # inputs unchanged
     # The case the batched cache must survive: rows accepted different numbers of drafts, some
     # rounds rejected drafts, and more than one token per round was emitted on average.
     assert len(set(stats.accepted.tolist())) > 1
@@ -107,11 +108,16 @@ def test_draft_with_padded_vocabulary(target):
 
 
 def fused_scores(models, weights, ids, mask, temperature=1.0, width=VOCAB):
-    """sum_k w_k log_softmax(l_k / T) at every position, each model run on the full sequence."""
+    """sum_k w_k log_softmax(l_k / T) at every position, each model run on the full sequence;
+    weights: T floats or per-row [B, T]."""
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    weights = torch.as_tensor(weights, dtype=torch.float64).expand(ids.shape[0], len(models))
     with torch.no_grad():
-        logits = [m(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.float() for m in models]
-    return sum(w * torch.log_softmax(l[..., :width] / temperature, dim=-1) for w, l in zip(weights, logits))
+        logits = [m(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits.double() for m in models]
+    return sum(
+        weights[:, k, None, None] * torch.log_softmax(l[..., :width] / temperature, dim=-1)
+        for k, l in enumerate(logits)
+    )
 
 
 def naive_fused_greedy(models, weights, ids, mask, new_tokens, width=VOCAB):
@@ -122,20 +128,37 @@ def naive_fused_greedy(models, weights, ids, mask, new_tokens, width=VOCAB):
     return ids
 
 
-def test_fused_target_greedy_equals_naive_loop(target):
-    """EFT up-scaling: large base + (small fine-tuned - small reference), the small fine-tuned
-    model drafting; the reference model has a padded vocabulary."""
+@pytest.mark.parametrize("drafter", ["small_ft", "separate"])
+def test_fused_target_greedy_equals_naive_loop(target, close_draft, drafter):
+    """EFT up-scaling: large base + 1.5 (small fine-tuned - small reference), drafted by the small
+    fine-tuned model (which then runs once per step, as draft and as target) or by a separate
+    model; the reference model has a padded vocabulary."""
     small_ft = perturbed_copy(target, noise=0.004, noise_seed=3)
     small_ref = perturbed_copy(target, noise=0.004, noise_seed=4, vocab_size=VOCAB + 8)
     targets, weights = [target, small_ft, small_ref], [1.0, 1.5, -1.5]
     ids, mask = prompts_of_different_lengths()
     expected = naive_fused_greedy(targets, weights, ids, mask, NEW_TOKENS)
     generated, stats = speculative_generate(
-        targets, small_ft, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_draft_tokens=3,
+        targets, small_ft if drafter == "small_ft" else close_draft, ids, attention_mask=mask,
+        max_new_tokens=NEW_TOKENS, num_draft_tokens=3,
         target_weights=weights, return_stats=True,
     )
     assert torch.equal(generated, expected)
     assert stats.accepted.sum() > 0 and (stats.accepted < stats.drafted).any()
+
+
+def test_per_row_target_weights_follow_their_rows(target, close_draft):
+    """Rows finish in different rounds and leave the batch; each keeps its own weights."""
+    small_ft = perturbed_copy(target, noise=0.004, noise_seed=3)
+    small_ref = perturbed_copy(target, noise=0.004, noise_seed=4)
+    targets = [target, small_ft, small_ref]
+    weights = torch.tensor([[1.0, 1.5, -1.5], [1.0, 0.0, 0.0], [1.0, -1.0, 1.0], [1.0, 0.5, -0.5]])
+    ids, mask = prompts_of_different_lengths()
+    generated = speculative_generate(
+        targets, close_draft, ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, num_draft_tokens=3,
+        target_weights=weights,
+    )
+    assert torch.equal(generated, naive_fused_greedy(targets, weights, ids, mask, NEW_TOKENS))
 
 
 def test_wider_target_is_aligned_to_the_draft_vocabulary():
@@ -194,9 +217,12 @@ def chi_square_p_value(counts, probs, min_expected=5.0):
     return float(scipy_stats.chi2.sf(statistic, observed.numel() - 1))
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["one_target", "fused_target"])
-def test_sampled_output_follows_the_target_distribution(small_models, fused):
+@pytest.mark.parametrize("case", ["one_target", "fused_target", "fused_target_drafted_by_small_ft"])
+def test_sampled_output_follows_the_target_distribution(small_models, case):
     targets, draft = small_models
+    fused = case != "one_target"
+    if case == "fused_target_drafted_by_small_ft":
+        draft = targets[1]
     targets, weights, temperature = (targets, [1.0, 0.8, -0.8], 1.0) if fused else (targets[:1], None, 0.7)
     prompts = [torch.tensor([3, 1, 4, 1, 5]), torch.tensor([2, 7, 1])]  # the second one left-padded
     ids, mask = left_padded(prompts * (DRAWS // 2))

@@ -4,22 +4,28 @@
 
 Batch layout. Every model keeps one `DynamicCache` for the whole batch, so all rows share one
 column layout: `tokens[B, S]` and `mask[B, S]`, where column j of every cache holds column j of
-`tokens`. Rows accept different numbers of drafts in a round; rather than cropping every cache to
-the row that accepted the fewest and running the other rows' accepted tokens through every model
-again, each cache is cropped to the row that accepted the most (among rows still generating), and
-the rejected drafts of the other rows stay in the cache as holes: their mask entries become 0, so
-no later token attends to them, and position ids come from the mask's cumulative sum, so the real
-tokens of a row carry consecutive positions whatever holes lie between them. A left-padded prompt
-is the same thing (holes at the start). This costs no extra forward pass; the price is cache
+`tokens`. Rows accept different numbers of drafts in a round. Cropping every cache to the row
+that accepted the fewest would make the other rows feed their extra accepted tokens again next
+round, a different number per row, so the fed block would need padding in the mask anyway, and
+those tokens would go through every model twice. Instead each cache is cropped to the row that
+accepted the most (among rows still generating), and the rejected drafts of the other rows stay in
+the cache as holes: their mask entries become 0, so no later token attends to them, and position
+ids come from the mask's cumulative sum, so the real tokens of a row carry consecutive positions
+whatever holes lie between them. A left-padded prompt is the same thing (holes at the start). This
+costs no forward pass beyond one per draft step and one per target per round; the price is cache
 columns: a round adds (max accepted + 1) columns to every row, of which a row that accepted fewer
 uses (its accepted + 1). Rows that finish (EOS or `max_new_tokens`) are removed from the batch
-and from every cache, so they neither cost compute nor widen the layout.
+and from every cache, so they neither cost compute nor widen the layout. Models with
+sliding-window or recurrent cache layers are refused: a window would count the holes as tokens,
+and recurrent states cannot be cropped back.
 
 Per round, with S the layout width and k <= num_draft_tokens the drafts needed this round:
   * the draft model runs k times, first on the columns it has not cached yet (the whole prompt in
     the first round, then one or two columns), then on each new draft;
   * each target runs once on columns S-1 .. S+k-1 (its cache always holds all but the last
-    committed column), giving the k+1 score rows that verification needs;
+    committed column), giving the k+1 score rows that verification needs. A draft that is also
+    one of the targets (EFT with the small fine-tuned model drafting) is not run again: one more
+    draft step on the last draft completes its k+1 score rows;
   * `speculative_verify` accepts a_b drafts in row b and emits a_b + 1 tokens;
   * with A = max a_b over the rows that continue: targets are cropped to S+A columns, the draft to
     at most S+A, row b's columns S+a_b .. S+A-1 become holes, and every row's corrected or bonus
@@ -251,10 +257,10 @@ def speculative_generate(
         `pad_token_id` after their EOS, as `generate` pads them. With `return_stats`, a tuple
         (sequences, stats).
 
-    One host synchronisation per round decides how far to crop the caches and which rows are done.
-    The batched cache keeps rejected drafts as masked holes (see the module docstring): cropping to
-    the longest accepted prefix needs no forward pass beyond the K draft steps and one target step
-    per round, where cropping to the shortest would run the longer rows' accepted tokens again.
+    Each round reads a few scalars on the host (how many drafts, how far to crop the caches,
+    which rows are done). The batched cache keeps rejected drafts as masked holes, cropped to the
+    longest accepted prefix (the module docstring says why). The models must be causal LMs with
+    full-attention caches (`DynamicCache`); in training mode (dropout) the result is not lossless.
     """
     targets, device = _check_models(target, draft)
     num_draft_tokens = check_int("num_draft_tokens", num_draft_tokens, minimum=1)
@@ -267,7 +273,9 @@ def speculative_generate(
     tokens, mask = _check_prompt(input_ids, attention_mask, device)
     batch, prompt_length = tokens.shape
     weights = _check_target_weights(target_weights, len(targets), batch)
-    row_seeds = _row_seeds(canonical_seed("seed", seed, device=device, batch=batch), batch, device, False) if do_sample else None
+    row_seeds = None
+    if do_sample:
+        row_seeds = _row_seeds(canonical_seed("seed", seed, device=device, batch=batch), batch, device, greedy=False)
 
     generation_config = getattr(targets[0], "generation_config", None)
     if eos_token_id is None and generation_config is not None:
@@ -281,7 +289,12 @@ def speculative_generate(
     eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     draft_model = _CachedModel(draft, "draft")
-    target_models = [_CachedModel(m, name) for name, m in zip(_target_names(len(targets)), targets)]
+    # A draft that is also a target (EFT with the small fine-tuned model drafting) runs once: its
+    # draft-step scores, plus one more step on the last draft, are its target scores.
+    target_models = [
+        None if m is draft else _CachedModel(m, name) for name, m in zip(_target_names(len(targets)), targets)
+    ]
+    draft_is_a_target = any(m is None for m in target_models)
     shared_vocab = _shared_vocab_size(vocab_size, targets, draft)
 
     rows = torch.arange(batch, device=device)  # original row of each row still generating
@@ -298,25 +311,30 @@ def speculative_generate(
         tokens = torch.cat([tokens, tokens.new_zeros(rows.numel(), drafts_needed)], dim=1)
         mask = torch.cat([mask, mask.new_ones(rows.numel(), drafts_needed)], dim=1)
         draft_scores = []
-        for step in range(drafts_needed):
+        for step in range(drafts_needed + draft_is_a_target):
             scores = draft_model.logits(tokens, mask, width + step, 1)[:, 0, :shared_vocab]
+            draft_scores.append(scores)
+            if step == drafts_needed:  # the extra step that only scores the last draft
+                break
             if do_sample:
                 step_seeds = row_seeds[rows] + _seed_offset(rounds * (num_draft_tokens + 1) + step + 1)
                 proposal = fused_sample([scores], [1.0], temperature=temperature, seed=step_seeds)
             else:
                 proposal = scores.argmax(-1)
             tokens[:, width + step] = proposal
-            draft_scores.append(scores)
 
         target_scores = [
-            m.logits(tokens, mask, width + drafts_needed, drafts_needed + 1)[..., :shared_vocab] for m in target_models
+            torch.stack(draft_scores, dim=1)
+            if m is None
+            else m.logits(tokens, mask, width + drafts_needed, drafts_needed + 1)[..., :shared_vocab]
+            for m in target_models
         ]
         round_weights = weights[rows] if isinstance(weights, torch.Tensor) and weights.dim() == 2 else weights
         verify_seeds = row_seeds[rows] + _seed_offset(rounds * (num_draft_tokens + 1)) if do_sample else None
         emitted, num_emitted, num_accepted = speculative_verify(
             tokens[:, width:],
             target_scores if len(targets) > 1 else target_scores[0],
-            torch.stack(draft_scores, dim=1) if do_sample and draft_scores else None,
+            torch.stack(draft_scores[:drafts_needed], dim=1) if do_sample and drafts_needed else None,
             inputs="logits",
             num_draft_tokens=row_drafts,
             target_weights=round_weights,
@@ -353,7 +371,7 @@ def speculative_generate(
         tokens = torch.cat([tokens[keep, :committed], correction], dim=1)
         mask = torch.cat([mask[keep, :committed], mask.new_ones(keep.numel(), 1)], dim=1)
         mask[:, width:committed].masked_fill_(holes, 0)
-        for model in (draft_model, *target_models):
+        for model in (draft_model, *(m for m in target_models if m is not None)):
             model.crop(committed)
             if keep.numel() != rows.numel():
                 model.keep_rows(keep)
