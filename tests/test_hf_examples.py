@@ -1,4 +1,4 @@
-"""The runnable examples python/proxy_tuning.py and python/contrastive_decoding.py on tiny
+"""The runnable examples in python/ (proxy_tuning, contrastive_decoding, speculative_eft) on tiny
 random-weight checkpoints saved to a temporary folder, with a word-level tokenizer (nothing is
 downloaded): they load, generate, and print what the processors give when called directly."""
 import importlib.util
@@ -157,3 +157,57 @@ def test_examples_refuse_models_with_different_tokenizers(checkpoints, tmp_path,
     with pytest.raises(SystemExit):
         example.main(["--expert", str(checkpoints / "large"), "--amateur", str(tmp_path / "other")])
     assert "different tokenizer vocabulary" in capsys.readouterr().err
+
+
+def test_speculative_eft_help_runs_as_a_script(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setattr(sys, "argv", ["speculative_eft.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(EXAMPLES / "speculative_eft.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--target-ft", "--target-ref", "--draft", "--num-draft-tokens", "--sample", "--seed"):
+        assert option in out
+
+
+def test_speculative_eft_example_matches_the_eft_processor(checkpoints, monkeypatch, capsys):
+    """Greedy EFT up-scaling: the speculative text equals `generate` with EFTLogitsProcessor."""
+    example = load_example("speculative_eft", monkeypatch)
+    results = example.main(
+        [
+            "--target", str(checkpoints / "large"),
+            "--target-ft", str(checkpoints / "small_tuned"),
+            "--target-ref", str(checkpoints / "small_base"),
+            "--draft", str(checkpoints / "small_tuned"),
+            "--beta", "0.5",
+            "--num-draft-tokens", "3",
+            *prompt_arguments(),
+        ]
+    )
+    texts = results["texts"]
+    assert texts["speculative_generate"] == texts["generate + EFTLogitsProcessor"]
+    assert all(len(text.split()) == NEW_TOKENS for text in texts["speculative_generate"])
+    assert int(results["stats"].drafted.sum()) > 0
+    printed = capsys.readouterr().out
+    assert f"acceptance rate: {results['stats'].acceptance_rate:.3f}" in printed
+    assert "wall-clock: generate + EFTLogitsProcessor" in printed
+
+
+def test_speculative_eft_example_samples_a_single_target(checkpoints, monkeypatch, capsys):
+    example = load_example("speculative_eft", monkeypatch)
+    arguments = ["--target", str(checkpoints / "large"), "--draft", str(checkpoints / "small_tuned"), "--sample"]
+    first = example.main(arguments + ["--seed", "3", *prompt_arguments()])
+    again = example.main(arguments + ["--seed", "3", *prompt_arguments()])
+    assert first["texts"]["speculative_generate"] == again["texts"]["speculative_generate"]
+    assert "wall-clock: target.generate" in capsys.readouterr().out
+
+
+def test_speculative_eft_example_needs_both_eft_models(checkpoints, monkeypatch, capsys):
+    example = load_example("speculative_eft", monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(
+            ["--target", str(checkpoints / "large"), "--draft", str(checkpoints / "small_tuned")]
+            + ["--target-ft", str(checkpoints / "small_tuned")]
+        )
+    assert exit_info.value.code == 2
+    assert "--target-ref" in capsys.readouterr().err

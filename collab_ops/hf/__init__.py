@@ -1,5 +1,6 @@
 """Hugging Face hooks: `generate` logits processors that run auxiliary models next to the main
-one, and DistillationTrainer (a `transformers.Trainer` with the fused KD loss).
+one, batched speculative generation with a draft model and a (possibly fused) target, and
+DistillationTrainer (a `transformers.Trainer` with the fused KD loss).
 
 Import this subpackage explicitly (`import collab_ops.hf`); it needs `transformers`, which the
 core ops do not.
@@ -11,6 +12,7 @@ from .processors import (
     EFTLogitsProcessor,
     ProxyTuningLogitsProcessor,
 )
+from .speculative import SpeculativeStats, speculative_generate
 from .trainer import DistillationTrainer
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "DynamicFusionLogitsProcessor",
     "EFTLogitsProcessor",
     "ProxyTuningLogitsProcessor",
+    "SpeculativeStats",
+    "speculative_generate",
 ]
