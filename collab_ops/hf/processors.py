@@ -22,16 +22,19 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _last_positions_kwargs(model: torch.nn.Module, count: int) -> dict:
+    """Forward kwargs that make a causal LM compute logits for its last `count` positions only
+    (saving a [B, L, V] tensor over a prompt), for models whose forward takes `logits_to_keep`."""
+    return {"logits_to_keep": count} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 class _AuxiliaryModelState:
     """One auxiliary model with the KV cache it keeps across decoding steps."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.cache = DynamicCache(config=model.config)
-        # Only the last position is fused; asking for just that saves a [B, L, V] prompt logits tensor.
-        self.forward_kwargs = (
-            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-        )
+        self.forward_kwargs = _last_positions_kwargs(model, 1)  # only the last position is fused
 
     def next_token_logits(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         outputs = self.model(

@@ -33,7 +33,6 @@ Per round, with S the layout width and k <= num_draft_tokens the drafts needed t
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -43,7 +42,7 @@ from transformers import DynamicCache
 from .._validation import INDEX_DTYPES, canonical_seed, check_bool, check_int, check_positive, check_tensor
 from ..ops.fusion import fused_sample
 from ..ops.speculative import _as_int64, _row_seeds, speculative_verify
-from .processors import _model_device
+from .processors import _last_positions_kwargs, _model_device
 
 # Odd 64-bit constant (the splitmix64 multiplier) that spaces the random streams of successive
 # sampling calls. It differs from the row stride of speculative_verify's seed spreading, so that
@@ -90,7 +89,6 @@ class _CachedModel:
                 "cannot crop back after rejected drafts"
             )
         self.length = 0
-        self.accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     def logits(self, tokens: torch.Tensor, mask: torch.Tensor, end: int, keep: int) -> torch.Tensor:
         """Scores [B, keep, V] at columns end-keep .. end-1, running the model on the columns
@@ -103,7 +101,7 @@ class _CachedModel:
             position_ids=position_ids,
             past_key_values=self.cache,
             use_cache=True,
-            **({"logits_to_keep": keep} if self.accepts_logits_to_keep else {}),
+            **_last_positions_kwargs(self.model, keep),
         )
         self.cache = outputs.past_key_values
         self.length = end
