@@ -6,10 +6,10 @@ namespace cuda {
 namespace {
 
 constexpr int kSpeculativeThreads = 256;
-// Enough blocks for every SM to hold several (memory latency is hidden by blocks in flight), and
-// no chunk shorter than one 16-byte load per thread, so that a block's fixed cost (the decision,
-// the merge) stays small next to its reads. Chunks are whole 16-byte vectors (8 columns).
-constexpr int64_t kBlocksPerSm = 8;
+// One full wave of resident blocks per launch (memory latency is hidden by blocks in flight, and
+// a second, partial wave would idle most SMs at its end), and no chunk shorter than one 16-byte
+// load per thread, so that a block's fixed cost (the decision, the merge) stays small next to its
+// reads. Chunks are whole 16-byte vectors (8 columns).
 constexpr int64_t kMinChunk = 1024;
 constexpr int64_t kChunkGranule = 8;
 
@@ -21,9 +21,9 @@ struct Split {
 };
 
 // Cuts each of `rows` vocabulary rows into at most kThreads chunks (the last block merges one
-// partial per thread) so that rows * splits fills the GPU.
-Split split_rows(int64_t rows, int64_t vocab, int sms) {
-  const int64_t wanted = kBlocksPerSm * sms / (rows > 0 ? rows : 1);
+// partial per thread) so that rows * splits blocks fill the GPU's resident slots once.
+Split split_rows(int64_t rows, int64_t vocab, int64_t resident_blocks) {
+  const int64_t wanted = resident_blocks / (rows > 0 ? rows : 1);
   const int64_t most = (vocab + kMinChunk - 1) / kMinChunk;
   int64_t splits = wanted < most ? wanted : most;
   splits = splits < 1 ? 1 : (splits > kSpeculativeThreads ? kSpeculativeThreads : splits);
@@ -46,15 +46,21 @@ struct SpeculativePlan {
 };
 
 SpeculativePlan plan(const SpeculativeParams& p) {
-  int device = 0, sms = 1;
+  int device = 0, sms = 1, normaliser_per_sm = 1, verify_per_sm = 1;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&normaliser_per_sm, normaliser_kernel<kSpeculativeThreads>,
+                                                kSpeculativeThreads, 0);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&verify_per_sm, verify_kernel<kSpeculativeThreads>,
+                                                kSpeculativeThreads, 0);
+  const int64_t normaliser_slots = int64_t{sms} * (normaliser_per_sm > 0 ? normaliser_per_sm : 1);
+  const int64_t verify_slots = int64_t{sms} * (verify_per_sm > 0 ? verify_per_sm : 1);
   const size_t rows = static_cast<size_t>(p.batch), positions = static_cast<size_t>(p.num_drafts + 1);
   SpeculativePlan plan{};
   // Sample mode with one plain probability target reads no row whole: no normaliser launch.
   plan.run_normalisers = p.greedy || !all_rows_plain_probabilities(p);
-  plan.normaliser = split_rows(p.batch * static_cast<int64_t>(positions), p.vocab, sms);
-  plan.race = p.greedy ? Split{1, p.vocab} : split_rows(p.batch, p.vocab, sms);
+  plan.normaliser = split_rows(p.batch * static_cast<int64_t>(positions), p.vocab, normaliser_slots);
+  plan.race = p.greedy ? Split{1, p.vocab} : split_rows(p.batch, p.vocab, verify_slots);
   plan.counters = aligned((rows * positions + rows) * sizeof(unsigned int));
   const size_t normaliser_partials = plan.run_normalisers ? rows * positions * plan.normaliser.splits : 0;
   plan.target_partials = aligned(normaliser_partials * sizeof(RowPartial));

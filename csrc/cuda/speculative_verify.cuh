@@ -345,7 +345,10 @@ struct RaceVisitor {
       bits = final_race_bits(seed, group);
       cached_group = group;
     }
-    const float inv_exponential = 1.f / race_exponential(bits.v[col & 3]);
+    // Selects, not an indexed load: a runtime index would put the four words in local memory.
+    const int word = static_cast<int>(col & 3);
+    const uint32_t random = word == 0 ? bits.v[0] : (word == 1 ? bits.v[1] : (word == 2 ? bits.v[2] : bits.v[3]));
+    const float inv_exponential = 1.f / race_exponential(random);
     if (residual > 0.f) {
       const float key = residual * inv_exponential;
       if (race_beats(key, col, state.residual_key, state.residual_col)) {
