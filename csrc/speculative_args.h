@@ -1,6 +1,9 @@
 // Builds the torch-free SpeculativeParams of one speculative_verify call from its tensors, with the
 // checks that guard the kernels when torch.ops.collab_ops.speculative_verify is called directly,
 // and allocates the outputs (sizes depend on shapes only, so the call stays graph-capturable).
+// num_draft_tokens: [batch] on the device, or a 0-dim CPU tensor (every row uses that many drafts).
+// seed: [batch] per-row seeds or a 0-dim base seed (on the device, or on the CPU, read here); any
+// int64 tensor when greedy (unread).
 #pragma once
 #include <torch/types.h>
 
@@ -25,6 +28,26 @@ inline void check_index_vector(const at::Tensor& t, const char* name, int64_t ba
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == batch && t.is_contiguous(), name, " must be a contiguous [", batch,
                     "] tensor, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but draft_tokens is on ", device);
+}
+
+// An int64 argument given per row ([batch] on the device) or once for every row: a 0-dim tensor on
+// the device, or a 0-dim CPU tensor read here on the host (no device kernel, no synchronisation).
+// Returns the device pointer (nullptr when read on the host into `host_value`).
+inline const int64_t* read_row_or_scalar(const at::Tensor& t, const char* name, int64_t batch,
+                                         const at::Device& device, bool& per_row, int64_t& host_value) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+  per_row = t.dim() != 0;
+  host_value = 0;
+  if (per_row) {
+    check_index_vector(t, name, batch, device);
+    return t.data_ptr<int64_t>();
+  }
+  if (t.device().is_cpu()) {
+    host_value = *t.data_ptr<int64_t>();
+    return nullptr;
+  }
+  TORCH_CHECK_VALUE(t.device() == device, name, " is on ", t.device(), " but draft_tokens is on ", device);
+  return t.data_ptr<int64_t>();
 }
 
 // Checks a [batch, positions, vocab] score tensor and returns its batch and position strides.
@@ -78,11 +101,15 @@ inline SpeculativeParams make_speculative_params(const at::Tensor& draft_tokens,
     p.draft_batch_stride = draft->stride(0);
     p.draft_position_stride = draft->stride(1);
   }
-  check_index_vector(num_draft_tokens, "num_draft_tokens", batch, device);
-  check_index_vector(seed, "seed", batch, device);
+  bool counts_per_row = false;
+  p.num_draft_tokens = read_row_or_scalar(num_draft_tokens, "num_draft_tokens", batch, device, counts_per_row,
+                                          p.all_num_draft_tokens);
+  TORCH_CHECK_VALUE(counts_per_row || num_draft_tokens.device().is_cpu(),
+                    "num_draft_tokens must be [batch] on the device or a 0-dim CPU tensor, got a 0-dim tensor on ",
+                    num_draft_tokens.device());
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, "seed must be int64, got ", seed.scalar_type());
+  if (!greedy) p.seed = read_row_or_scalar(seed, "seed", batch, device, p.seed_per_row, p.seed_value);
   p.draft_tokens = draft_tokens.data_ptr<int64_t>();
-  p.num_draft_tokens = num_draft_tokens.data_ptr<int64_t>();
-  p.seed = seed.data_ptr<int64_t>();
   p.batch = batch;
   p.num_drafts = num_drafts;
   p.vocab = vocab;

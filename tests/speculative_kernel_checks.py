@@ -103,7 +103,11 @@ GREEDY_CASES = [
 
 
 def invalid_row_case(inputs, seed):
-    """One bad row per rule, next to clean rows; every row of the reference's verdict must match."""
+    """One bad row per rule, next to clean rows; every row of the reference's verdict must match.
+
+    Probabilities are read at the drafted ids and in the stop row only, and the stop row depends on
+    each backend's random numbers, so the bad values sit where the verdict cannot depend on them:
+    at drafted ids, or behind drafts that are certainly accepted (p(x_i) = 1 >= q(x_i))."""
     generator = torch.Generator().manual_seed(seed)
     batch, num_drafts, vocab = 10, 3, 61
     target = scores(batch, num_drafts + 1, vocab, generator=generator, inputs=inputs)
@@ -111,15 +115,20 @@ def invalid_row_case(inputs, seed):
     draft_tokens = torch.randint(1, vocab, (batch, num_drafts), generator=generator)
     num_draft_tokens = torch.tensor([3, 2, 3, 1, 3, 3, 3, 0, 4, -1])
     excluded = -float("inf") if inputs == "logits" else 0.0
+    certain = 100.0 if inputs == "logits" else 1.0  # p(x) = 1 (to rounding): x is always accepted
     draft_tokens[1, 2] = -7  # unused position of a ragged row: not read
     draft_tokens[2, 1] = vocab  # used id out of range
     target[3, 3] = float("nan")  # NaN past the row's last used target position (n = 1): not read
-    target[4, 3, 5] = float("nan")  # NaN at the bonus position
-    target[5, 1] = excluded  # every token excluded
-    draft[6, 2, 9] = float("nan")  # undefined draft at a used position (sample mode only)
+    draft_tokens[4], target[4, :3, 0] = 0, certain  # row 4 reaches its bonus position ...
+    target[4, 3, 5] = float("nan")  # ... which holds a NaN
+    draft_tokens[5, 0], target[5, 0, 0] = 0, certain  # row 5 reaches position 1 ...
+    target[5, 1] = excluded  # ... where every token is excluded
+    draft_tokens[6, 2] = 9
+    draft[6, 2, 9] = float("nan")  # undefined draft at a drafted id (sample mode only)
     draft[7, 0] = float("nan")  # row 7 uses no drafts: not read
+    draft_tokens[0, 2] = 4
     if inputs == "probs":
-        target[0, 2, 4] = -0.5  # negative probability
+        target[0, 2, 4] = -0.5  # negative probability at a drafted id
     else:
         target[0, 2, 4] = float("inf")  # +inf logit
     return dict(

@@ -105,9 +105,11 @@ def _opcheck_samples():
     yield (draft_tokens, [target.softmax(-1).bfloat16()], weights, None, counts, False, 1.0, True, torch.zeros(3, dtype=torch.int64))
     two = [target, torch.randn(3, 4, 11, generator=generator)]
     yield (draft_tokens, two, torch.tensor([[1.0, -0.5]]).expand(3, 2), draft, counts, True, 1.0, False, seeds)
+    # The wrapper's defaults: every row uses all K drafts, one base seed (both CPU scalars).
+    yield (draft_tokens, [target.softmax(-1)], torch.ones(1), draft.softmax(-1), torch.tensor(3), False, 1.0, False, torch.tensor(-5))
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_speculative_verify_opcheck(index):
     args = list(_opcheck_samples())[index]
     torch.library.opcheck(torch.ops.collab_ops.speculative_verify.default, args)

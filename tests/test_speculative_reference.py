@@ -226,8 +226,7 @@ def test_reference_follows_its_documented_random_stream():
     for row, row_seed in enumerate(row_seeds.tolist()):
         generator = torch.Generator().manual_seed((row_seed ^ (row_seed >> 32)) & 0xFFFF_FFFF)
         uniforms = torch.rand(5, generator=generator, dtype=torch.float64)
-        p = case["target"][row].double() / case["target"][row].double().sum(-1, keepdim=True)
-        q = case["draft"][row].double() / case["draft"][row].double().sum(-1, keepdim=True)
+        p, q = case["target"][row].double(), case["draft"][row].double()  # used as given
         accepted = 0
         for position, token in enumerate(case["draft_tokens"][row].tolist()):
             if not uniforms[position] * q[position, token] < p[position, token]:
@@ -247,3 +246,34 @@ def test_reference_fuses_like_fuse_logits():
     actual = reference.fused_target_probs(logits, weights, True, 1.3)
     torch.testing.assert_close(actual, expected)
     assert actual[1, 1, 2] == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_base_seed_spreads_over_rows_as_documented(backend):
+    # An int seed, a 0-dim tensor and the per-row seeds base + b * ROW_SEED_STRIDE are one seed.
+    case = random_case(24, 3, 30, seed=40)
+    expected = speculative_verify(**case, seed=-12345, backend=backend)
+    per_row = torch.tensor(reference.row_seeds(torch.tensor(-12345), 24))
+    assert torch.equal(speculative_verify(**case, seed=per_row, backend=backend)[0], expected[0])
+    assert torch.equal(speculative_verify(**case, seed=torch.tensor(-12345), backend=backend)[0], expected[0])
+    assert len(set(per_row.tolist())) == 24
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["sample", "greedy"])
+def test_default_num_draft_tokens_is_all_drafts(backend, mode):
+    case = random_case(16, 4, 30, seed=41)
+    del case["num_draft_tokens"]
+    default = speculative_verify(**case, mode=mode, seed=3, return_accepted=True, backend=backend)
+    explicit = speculative_verify(**case, mode=mode, seed=3, num_draft_tokens=torch.full((16,), 4), return_accepted=True, backend=backend)
+    for got, want in zip(default, explicit):
+        assert torch.equal(got, want)
+
+
+def test_reference_uses_plain_probabilities_as_given():
+    # A plain probability target is not renormalised; a fused one is (by its softmax).
+    target = torch.tensor([[[0.2, 0.2, 0.1], [0.5, 0.25, 0.25]]])
+    weights = torch.tensor([1.0])
+    torch.testing.assert_close(reference.target_probs([target], weights, False, 1.0), target.double())
+    fused = reference.target_probs([target, target], torch.tensor([0.5, 0.5]), False, 1.0)
+    torch.testing.assert_close(fused, (target / target.sum(-1, keepdim=True)).double())

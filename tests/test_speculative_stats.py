@@ -233,3 +233,15 @@ def test_empty_residual_falls_back_to_the_target(backend):
     )
     assert bool((num_emitted == 1).all())
     assert_follows(tokens[:, 0], TARGET[0], "empty residual")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unnormalised_probabilities_are_used_as_given(backend):
+    # p = TARGET / 2 with q = TARGET: each draft (drawn from q) is accepted with probability
+    # min(1, p/q) = 1/2 exactly. Renormalising p would accept every draft.
+    draft_tokens = sample_drafts(TARGET[:NUM_DRAFTS], seed=17)
+    _, num_emitted, num_accepted = speculative_verify(
+        draft_tokens, per_row(TARGET / 2), per_row(TARGET[:NUM_DRAFTS]), seed=18, return_accepted=True, backend=backend
+    )
+    assert bool((num_emitted == num_accepted + 1).all())
+    assert_binomial(int((num_accepted >= 1).sum()), ROWS, 0.5, "halved target: acceptances at position 0")

@@ -119,37 +119,61 @@ def test_inputs_are_not_modified(backend):
 
 
 def bad_value_cases():
-    """(description, argument changes, invalid rows) with one or two bad rows each."""
+    """(description, argument changes, invalid rows) with one or two bad rows each.
+
+    Probabilities are used as given and read at the drafted ids and in the stop row only, so the
+    bad values sit where every backend reads them whatever its random numbers: at drafted ids, in
+    rows that use no drafts (the stop is position 0), or after a certain rejection (p(x_0) = 0)."""
     generator = torch.Generator().manual_seed(1)
     draft_tokens = torch.randint(0, VOCAB, (BATCH, NUM_DRAFTS), generator=generator)
     target = torch.rand(BATCH, NUM_DRAFTS + 1, VOCAB, generator=generator) + 0.01
     draft = torch.rand(BATCH, NUM_DRAFTS, VOCAB, generator=generator) + 0.01
+    target, draft = target / target.sum(-1, keepdim=True), draft / draft.sum(-1, keepdim=True)
     ragged = torch.tensor([3, 1, 3, 2])
+    no_drafts_in_row_3 = torch.tensor([3, 3, 3, 0])
+
+    def drafted(tensor, row, position):
+        return tensor[row, position, int(draft_tokens[row, position])]
 
     out_of_range = draft_tokens.clone()
     out_of_range[1, 2], out_of_range[3, 0] = VOCAB, -5
     unused_out_of_range = draft_tokens.clone()
     unused_out_of_range[1, 1:] = -1  # row 1 uses one draft: its padding is never read
     nan_target = target.clone()
-    nan_target[2, 1, 4] = float("nan")
+    nan_target[2, 1, draft_tokens[2, 1]] = float("nan")  # a drafted entry: always read
     nan_target[1, 3, 0] = float("nan")  # row 1 uses target rows 0..1 only
     empty_target = target.clone()
-    empty_target[0, 2] = 0.0
+    empty_target[0, 0] = 0.0  # p(x_0) = 0 rejects x_0: the empty row is the stop row
     negative_target = target.clone()
-    negative_target[3, 0, 0] = -0.1
+    negative_target[3, 0, draft_tokens[3, 0]] = -0.1
+    negative_in_stop_row = target.clone()
+    negative_in_stop_row[3, 0, 2] = -0.1  # row 3 uses no drafts: row 0 is its stop row
     nan_draft = draft.clone()
-    nan_draft[0, 0, 0] = float("nan")
+    nan_draft[0, 0, draft_tokens[0, 0]] = float("nan")
+    nan_draft_in_stop_row = draft.clone()
+    rejecting_target = target.clone()
+    rejecting_target[1, 0, draft_tokens[1, 0]] = 0.0  # a certain rejection at position 0
+    nan_draft_in_stop_row[1, 0, (draft_tokens[1, 0] + 1) % VOCAB] = float("nan")
+    unread_nan_target = target.clone()
+    # Row 2 certainly accepts x_0 (p(x_0) >= q(x_0)), so target row 0 is never its stop row and
+    # only its drafted entry is read.
+    unread_nan_target[2, 0, draft_tokens[2, 0]] = drafted(draft, 2, 0)
+    unread_nan_target[2, 0, (draft_tokens[2, 0] + 1) % VOCAB] = float("nan")
     all_excluded_logits = target.log()
     all_excluded_logits[2, 0] = -float("inf")
     return {
         "draft id out of range": (dict(draft_tokens=out_of_range), [1, 3]),
         "unused draft ids are not read": (dict(draft_tokens=unused_out_of_range, num_draft_tokens=ragged), []),
         "num_draft_tokens out of range": (dict(num_draft_tokens=torch.tensor([3, -1, 4, 0])), [1, 2]),
-        "NaN target at a used position": (dict(target=nan_target, num_draft_tokens=ragged), [2]),
-        "zero target row": (dict(target=empty_target), [0]),
-        "negative probability": (dict(target=negative_target), [3]),
-        "NaN draft": (dict(draft=nan_draft), [0]),
+        "NaN target at a drafted id": (dict(target=nan_target, num_draft_tokens=ragged), [2]),
+        "zero target row at the stop": (dict(target=empty_target), [0]),
+        "negative probability at a drafted id": (dict(target=negative_target), [3]),
+        "negative probability in the stop row": (dict(target=negative_in_stop_row, num_draft_tokens=no_drafts_in_row_3), [3]),
+        "NaN draft at a drafted id": (dict(draft=nan_draft), [0]),
+        "NaN draft in the stop row": (dict(target=rejecting_target, draft=nan_draft_in_stop_row), [1]),
         "NaN draft is not read when greedy": (dict(draft=nan_draft, mode="greedy"), []),
+        "NaN off the drafted ids of a row that never stops there is not read": (dict(target=unread_nan_target), []),
+        "NaN in a target row is read when greedy": (dict(target=unread_nan_target, mode="greedy"), [2]),
         "every token excluded": (dict(target=all_excluded_logits, draft=draft.log(), inputs="logits"), [2]),
     }, dict(draft_tokens=draft_tokens, target=target, draft=draft)
 

@@ -17,13 +17,17 @@ Canonical implementation signature, registered with
     target_weights     float32: [B, T] per-row weights on the device (possibly a stride-0 view), or
                        [T] on the CPU for Python floats, read on the host by the kernels.
     draft              None (q one-hot at the draft ids) or a tensor [B, K, V].
-    num_draft_tokens   int64 [B], contiguous; values are unchecked and may lie outside [0, K].
+    num_draft_tokens   int64: [B] contiguous, on the device, or a 0-dim CPU tensor: every row uses
+                       that many drafts (no device tensor to build). Values are unchecked and may
+                       lie outside [0, K].
     inputs_are_logits  bool: softmax(x / temperature) per model, else probabilities.
     temperature        float > 0; exactly 1.0 when inputs are probabilities.
     greedy             bool.
-    seed               int64 [B], contiguous: every random number of row b comes from seed[b]
-                       alone, so a row's output does not depend on the rows around it. Unread
-                       (zeros) when greedy.
+    seed               int64: [B] contiguous per-row seeds, or a 0-dim base seed (on the device,
+                       or on the CPU: read on the host) from which row b's seed is
+                       base + b * reference.ROW_SEED_STRIDE (mod 2^64). Every random number of
+                       row b comes from its row seed alone, so a row's output does not depend on
+                       the rows around it. Unread when greedy.
     returns            tokens int64 [B, K+1] (emitted tokens left-aligned, then -1),
                        num_emitted int64 [B] (accepted + 1; 0 for an invalid row),
                        num_accepted int64 [B] (0 for an invalid row), on the inputs' device.
@@ -56,10 +60,6 @@ from ..reference import speculative as reference
 MODES = ("sample", "greedy")
 INPUT_KINDS = ("probs", "logits")
 
-# Spreads an integer seed over the rows: row b gets seed + b * 2^64/phi (mod 2^64, as int64), so
-# rows get distinct seeds and consecutive call seeds do not reuse each other's row streams.
-_ROW_SEED_STRIDE = 0x9E3779B97F4A7C15 - (1 << 64)
-
 TensorOrSequence = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
@@ -85,7 +85,9 @@ def speculative_verify(
         target: [B, K+1, V] target scores for the K draft positions and the bonus position, or a
             sequence of such tensors fused with `target_weights` as `fuse_logits` fuses
             (EFT speculative up-scaling): p = softmax(sum_k w_k z_k), z_k = log_softmax(l_k / T)
-            for logits and log(p_k) for probabilities.
+            for logits and log(p_k) for probabilities. Probabilities of a single target (weight
+            1) and of the draft are used as given: each row is expected to sum to 1 and is not
+            renormalised (as in FlashInfer and vLLM).
         draft: [B, K, V] draft scores, or None for drafts without probabilities (q one-hot).
         inputs: "probs" or "logits", for target and draft alike.
         num_draft_tokens: int [B], ragged drafts: row b uses its first n_b drafts and takes the
@@ -99,8 +101,9 @@ def speculative_verify(
             (accept while draft == argmax p, then emit argmax p; ties go to the smallest id).
         seed: None (draws row seeds from torch's default generator of the device), an int, or an
             integer tensor: 0-dim (spread over the rows as an int is) or [B] per-row seeds. The
-            same seed gives the same tokens on the same backend; a row's tokens depend only on its
-            inputs and its row seed.
+            same seed gives the same tokens on the same backend (backends draw the final token
+            differently, so not across backends); a row's tokens depend only on its inputs and
+            its row seed.
         strict: raise ValueError naming the invalid rows instead of returning them empty. Costs
             one host synchronisation.
         return_accepted: also return num_accepted [B] int64.
@@ -110,9 +113,12 @@ def speculative_verify(
         (tokens int64 [B, K+1], num_emitted int64 [B]), plus num_accepted int64 [B] when
         `return_accepted`. Row b emits tokens[b, :num_emitted[b]] (its accepted drafts, then the
         corrected or bonus token) and is padded with -1; num_emitted = num_accepted + 1.
-        An invalid row (num_draft_tokens outside [0, K], a used draft id outside [0, V), or an
-        undefined target or draft distribution at a used position, e.g. NaN or every token
-        excluded) gets tokens all -1, num_emitted 0 and num_accepted 0; `strict=True` raises.
+        An invalid row (num_draft_tokens outside [0, K], a used draft id outside [0, V), or a
+        bad value where the decision reads: NaN, +inf, a negative probability, every token
+        excluded; see `collab_ops.reference.speculative` for which entries are read) gets tokens
+        all -1, num_emitted 0 and num_accepted 0; `strict=True` raises. Probabilities used as
+        given are read only at the drafted ids and in the row where the chain stops, so a bad
+        value elsewhere in them is not seen.
     """
     mode = check_choice("mode", mode, MODES)
     inputs = check_choice("inputs", inputs, INPUT_KINDS)
@@ -151,15 +157,16 @@ def speculative_verify(
         targets=tuple(_canonical_scores(tensor, float_dtype) for _, tensor in named_targets),
         target_weights=weights,
         draft=None if draft is None else _canonical_scores(draft, float_dtype),
+        # A CPU scalar for "all K": the kernels read it on the host, no device tensor is built.
         num_draft_tokens=(
-            torch.full((batch,), num_drafts, dtype=torch.int64, device=device)
+            torch.tensor(num_drafts, dtype=torch.int64)
             if num_draft_tokens is None
             else num_draft_tokens.to(torch.int64).contiguous()
         ),
         inputs_are_logits=inputs_are_logits,
         temperature=temperature,
         greedy=greedy,
-        seed=_row_seeds(seed, batch, device, greedy),
+        seed=_row_seeds(seed, device, greedy),
     )
     implementation = _dispatch.dispatch("speculative_verify", device, backend, **case)
     tokens, num_emitted, num_accepted = implementation.fn(**case)
@@ -248,19 +255,21 @@ def _canonical_scores(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
-def _row_seeds(seed, batch: int, device: torch.device, greedy: bool) -> torch.Tensor:
+def _row_seeds(seed, device: torch.device, greedy: bool) -> torch.Tensor:
+    """The canonical seed: [B] per-row seeds, or a 0-dim base seed that the implementations spread
+    over the rows. Python ints and greedy calls become CPU scalars, read on the host by the
+    kernels: no device kernel runs for them."""
     if greedy:
-        return torch.zeros(batch, dtype=torch.int64, device=device)
+        return _UNREAD_SEED
     if seed is None:
-        return torch.randint(torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max, (batch,), dtype=torch.int64, device=device)
-    if isinstance(seed, torch.Tensor) and seed.dim() == 1:
-        return seed.to(torch.int64).contiguous()
+        return torch.randint(torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max, (), dtype=torch.int64, device=device)
     if isinstance(seed, int):
-        # A fill kernel, not a host-to-device copy: no synchronisation, and capturable.
-        base = torch.full((), _as_int64(seed), dtype=torch.int64, device=device)
-    else:
-        base = seed.to(torch.int64)
-    return base + torch.arange(batch, dtype=torch.int64, device=device) * _ROW_SEED_STRIDE
+        return torch.tensor(_as_int64(seed), dtype=torch.int64)
+    return seed.to(torch.int64).contiguous()
+
+
+# Greedy mode reads no seed; one shared CPU scalar stands in for it (never written).
+_UNREAD_SEED = torch.zeros((), dtype=torch.int64)
 
 
 def _as_int64(value: int) -> int:
@@ -271,27 +280,10 @@ def _as_int64(value: int) -> int:
 
 def _describe_invalid_rows(case: dict, invalid_rows: torch.Tensor) -> str:
     """Names each invalid row with the reasons the reference finds for it (error path only)."""
-    per_row = ("draft_tokens", "draft", "num_draft_tokens", "seed") + (
-        ("target_weights",) if case["target_weights"].dim() == 2 else ()
-    )
-    rows_case = {name: case[name][invalid_rows] if name in per_row and case[name] is not None else case[name] for name in case}
-    targets = tuple(target[invalid_rows] for target in case["targets"])
-    draft = rows_case["draft"]
-    vocab_size = targets[0].shape[-1]
-    target_probs = reference.fused_target_probs(
-        targets, rows_case["target_weights"], case["inputs_are_logits"], case["temperature"]
-    )
-    draft_distribution = None
-    if draft is not None and not case["greedy"]:
-        draft_distribution = reference.draft_probs(
-            draft, rows_case["draft_tokens"], vocab_size, case["inputs_are_logits"], case["temperature"]
-        )
-    reasons = reference.invalid_row_reasons(
-        rows_case["draft_tokens"], target_probs, draft_distribution, rows_case["num_draft_tokens"]
-    )
+    reasons = reference.possible_invalid_row_reasons(**case)
     lines = []
-    for position, row in enumerate(invalid_rows.tolist()):
-        found = [reason for reason, mask in reasons.items() if bool(mask[position])]
+    for row in invalid_rows.tolist():
+        found = [reason for reason, mask in reasons.items() if bool(mask[row])]
         lines.append(f"  row {row}: {'; '.join(found) if found else 'rejected by the backend kernel'}")
     return f"speculative_verify: {len(lines)} invalid row(s) (strict=True):\n" + "\n".join(lines)
 

@@ -1,28 +1,53 @@
 // Torch-free description of one speculative_verify call and the per-element math that the CPU and
-// CUDA kernels share, so that both compute p, q, the acceptance test and the random numbers alike.
+// CUDA kernels share, so that both compute p, q, the acceptance test and the validity rules alike.
 //
-// Per (row b, position t) the target is p_t = softmax(s_t) with the fused score
-//     s_t(x) = sum over models k with w_bk != 0 of w_bk * (a_k(x) - c_k),
-//     a_k(x) = l_k(x) / T (logits) or log P_k(x) (probabilities),  c_k = logsumexp_x a_k(x),
-// where a_k(x) = -inf in any participating model excludes x (score -inf), as fuse_logits rules.
-// The common case, one participating model of weight exactly 1, is a *plain* target: then
-// p_t(x) = P(x) / sum P or exp(l(x)/T - c), computed without logarithms and without a second pass.
-// The draft q_t is Q / sum Q or softmax(d / T), or one-hot at the draft id when absent.
+// Target p_t per (row b, position t):
+//   * plain target (one participating model, of weight exactly 1):
+//       probabilities: p_t(x) = P(x) as given. Each row is expected to sum to 1 and is never
+//                      renormalised (as in FlashInfer and vLLM), so the decision reads only P at
+//                      the drafted ids, then the one row where the chain stops;
+//       logits:        p_t(x) = exp(l(x)/T - c),  c = logsumexp_x l(x)/T.
+//   * fused target (several models, or one of weight != 1): p_t = softmax(u_t) with
+//       u_t(x) = sum over models k with w_bk != 0 of w_bk * a_k(x),  a_k = l_k/T or log P_k,
+//     where -inf in any participating a_k excludes x, and NaN or +inf in one poisons the row. This
+//     is fuse_logits(normalize=True) followed by a softmax: fuse_logits' per-model normalisers
+//     shift u_t by a constant per row, which the softmax removes, so no kernel computes them.
+// The draft q_t is Q as given (probabilities), softmax(d/T) (logits), or one-hot at the draft id.
 //
-// Random numbers: Philox-4x32-10 keyed by seed[b] alone. Acceptance uniform i uses counter
-// {i, kAcceptStream, 0, 0}, the final draw counter {0, kFinalDrawStream, 0, 0}; the final token is
-// drawn by inverse CDF, so both backends turn the same uniforms into the same token up to the
-// rounding of the running sums.
+// What the decision reads, and so what is checked (NaN, negative probability, +inf, no mass):
+//   * rows whose normaliser or argmax is needed are read and checked whole: every used target row
+//     0..n for logits, fused targets and greedy mode; every used draft row 0..n-1 for draft
+//     logits in sample mode;
+//   * probabilities used as given are read at the drafted entries p_i(x_i), q_i(x_i) for every
+//     used i < n, and in full only at the stop position (the target row, and the draft row after
+//     a rejection); the row is invalid when the stop row has no mass left to draw from.
+//   A bad value elsewhere in a probability row that is not the stop row is never read.
+//
+// Random numbers: Philox-4x32-10 keyed by the row seed (row_seed). Acceptance uniform i uses
+// counter {i, kAcceptStream, 0, 0} on every backend, so acceptance agrees up to rounding. The
+// final token is an exact draw from m / sum m (m = max(0, p - q) after a rejection, p when that is
+// zero everywhere or for the bonus), done the way each backend does it fastest:
+//   * CPU: inverse CDF over a row buffer that stays in cache, uniform {0, kFinalDrawStream, 0, 0};
+//   * CUDA: one pass spread over many blocks, an exponential race (Gumbel-max): the argmax over x
+//     of m(x) / E(x), E(x) = -log(1 - u(x)) exponential, u(x) word x % 4 of counter
+//     {x / 4, kFinalRaceStream, (x / 4) >> 32, 0}; ties go to the smallest id.
+//   So the same seed gives the same tokens on the same backend, not across backends.
 #pragma once
 #include <cmath>
 #include <cstdint>
 
 #include "common/philox.h"
+#include "common/sampling.h"
 #include "common/scalar.h"
 
 namespace collab_ops {
 
 constexpr int kMaxSpeculativeTargets = 8;
+
+// Row b's seed from one base seed: base + b * 2^64/phi (mod 2^64), so that rows get distinct
+// streams and consecutive call seeds do not reuse each other's rows. Must agree with
+// ROW_SEED_STRIDE in collab_ops/reference/speculative.py.
+constexpr uint64_t kRowSeedStride = 0x9E3779B97F4A7C15ull;
 
 struct SpeculativeParams {
   const void* targets[kMaxSpeculativeTargets];  // [batch, num_drafts + 1, vocab], unit column stride
@@ -38,10 +63,15 @@ struct SpeculativeParams {
   const void* draft;  // [batch, num_drafts, vocab] or nullptr: q one-hot at the draft id
   int64_t draft_batch_stride;
   int64_t draft_position_stride;
-  ScalarKind kind;  // shared by the targets and the draft
+  ScalarKind kind;                  // shared by the targets and the draft
   const int64_t* draft_tokens;      // [batch, num_drafts], contiguous
-  const int64_t* num_draft_tokens;  // [batch]
-  const int64_t* seed;              // [batch]; unread when greedy
+  const int64_t* num_draft_tokens;  // [batch], or nullptr: every row uses all_num_draft_tokens
+  int64_t all_num_draft_tokens;
+  // [batch] per-row seeds when seed_per_row; else one base seed, on the device (seed) or passed by
+  // value (seed == nullptr: seed_value). Unread when greedy.
+  const int64_t* seed;
+  int64_t seed_value;
+  bool seed_per_row;
   int64_t batch;
   int64_t num_drafts;
   int64_t vocab;
@@ -55,6 +85,17 @@ struct SpeculativeParams {
 
 constexpr uint32_t kAcceptStream = 0;
 constexpr uint32_t kFinalDrawStream = 1;
+constexpr uint32_t kFinalRaceStream = 2;
+
+COLLAB_HD int64_t row_num_drafts(const SpeculativeParams& p, int64_t row) {
+  return p.num_draft_tokens ? p.num_draft_tokens[row] : p.all_num_draft_tokens;
+}
+
+COLLAB_HD int64_t row_seed(const SpeculativeParams& p, int64_t row) {
+  if (p.seed_per_row) return p.seed[row];
+  const uint64_t base = static_cast<uint64_t>(p.seed ? p.seed[0] : p.seed_value);
+  return static_cast<int64_t>(base + static_cast<uint64_t>(row) * kRowSeedStride);
+}
 
 // The models that take part in one batch row (non-zero weight), and whether p is a plain target.
 struct RowTargets {
@@ -79,18 +120,33 @@ COLLAB_HD RowTargets row_targets(const SpeculativeParams& p, int64_t row) {
   return rt;
 }
 
-// Everything one (row, position) needs to evaluate p_t(x) for any x, found by full-row passes.
+// Whether every participating target row is a plain one for every row of the call, known on the
+// host: then sample mode with probabilities needs no full-row pass at all.
+inline bool all_rows_plain_probabilities(const SpeculativeParams& p) {
+  return !p.inputs_are_logits && p.target_weights == nullptr && p.num_targets == 1 && p.target_weight_values[0] == 1.f;
+}
+
+// The target rows are read whole (normaliser, argmax, whole-row checks) unless they are
+// probabilities used as given in sample mode.
+COLLAB_HD bool target_rows_read_whole(const SpeculativeParams& p, const RowTargets& rt) {
+  return p.greedy || p.inputs_are_logits || !rt.plain;
+}
+
+// Draft logits need the logsumexp of every used draft row; draft probabilities are used as given.
+COLLAB_HD bool draft_rows_read_whole(const SpeculativeParams& p) {
+  return !p.greedy && p.inputs_are_logits && p.draft != nullptr;
+}
+
+// Everything one (row, position) needs to evaluate p_t(x) for any x, found by a full-row pass
+// (or trivial for probabilities used as given).
 struct TargetNormaliser {
-  float offset[kMaxSpeculativeTargets];  // c_k per participating slot (log-space)
-  float inv_sum;                         // plain probabilities: 1 / sum P
-  float fused_offset;                    // logsumexp of the fused score; 0 for a plain target
-  int64_t argmax;                        // greedy: argmax p_t, smallest id on ties
-  bool undefined;                        // NaN, negative probability, +inf or every token excluded
+  float offset;    // logsumexp of l/T (plain logits) or of u (fused); 0 for given probabilities
+  int64_t argmax;  // greedy: argmax p_t, smallest id on ties
+  bool undefined;  // NaN, negative probability, +inf, or nothing left
 };
 
 struct DraftNormaliser {
-  float offset;   // logits: logsumexp(d / T)
-  float inv_sum;  // probabilities: 1 / sum Q
+  float offset;  // logsumexp(d / T)
   bool undefined;
 };
 
@@ -102,53 +158,71 @@ COLLAB_HD int64_t draft_offset(const SpeculativeParams& p, int64_t row, int64_t 
   return row * p.draft_batch_stride + position * p.draft_position_stride;
 }
 
-// a_k(x): the input in log space, before its normaliser. log of a negative probability is NaN,
-// which marks the position undefined like any NaN.
+// a_k(x): the input in log space. log of a negative probability is NaN.
 COLLAB_HD float log_space_input(const SpeculativeParams& p, float value) {
   return p.inputs_are_logits ? value * p.inv_temperature : logf(value);
 }
 
-// Whether a model's (or the draft's) normaliser leaves its distribution undefined: NaN or +inf in
-// the row, a negative probability, or nothing left (all -inf logits, all-zero probabilities).
+// A log-space input that poisons its row (NaN, +inf) whatever else the row holds.
+COLLAB_HD bool poisons_row(float a) { return a != a || a == INFINITY; }
+
+// A logsumexp that leaves its distribution undefined: NaN, +inf, or -inf (nothing left).
 COLLAB_HD bool log_normaliser_undefined(float offset) { return !(offset > -INFINITY && offset < INFINITY); }
 
-COLLAB_HD bool probability_sum_undefined(double sum, float smallest) {
-  return !(smallest >= 0.f) || !(sum > 0.0 && sum < INFINITY);
-}
+// A probability entry read as given: a finite, non-negative number.
+COLLAB_HD bool probability_entry_valid(float value) { return value >= 0.f && value < INFINITY; }
 
-// s_t(x) of a fused (not plain) target; -inf when a participating model excludes x.
-COLLAB_HD float fused_target_score(const SpeculativeParams& p, const RowTargets& rt, const float* offset, int64_t row,
-                                   int64_t position, int64_t col) {
+// u_t(x) of a fused target, -inf when a participating model excludes x; `poisoned` is set when a
+// participating input at x is NaN or +inf.
+COLLAB_HD float fused_target_score(const SpeculativeParams& p, const RowTargets& rt, int64_t row, int64_t position,
+                                   int64_t col, bool& poisoned) {
   float score = 0.f;
   bool excluded = false;
   for (int j = 0; j < rt.count; ++j) {
     const int k = rt.model[j];
     const float a = log_space_input(p, load_as_float(p.targets[k], p.kind, target_offset(p, k, row, position) + col));
     excluded |= a == -INFINITY;
-    score += rt.weight[j] * (a - offset[j]);
+    poisoned |= poisons_row(a);
+    score = add_product(score, rt.weight[j], a);  // no FMA: the CPU kernel rounds twice too
   }
   return excluded ? -INFINITY : score;
 }
 
+// p_t(x). For probabilities used as given this is the input itself, which may be any float: the
+// caller checks it with probability_entry_valid.
 COLLAB_HD float target_probability(const SpeculativeParams& p, const RowTargets& rt, const TargetNormaliser& n,
                                    int64_t row, int64_t position, int64_t col) {
-  if (!rt.plain) return expf(fused_target_score(p, rt, n.offset, row, position, col) - n.fused_offset);
+  if (!rt.plain) {
+    bool unused = false;
+    return expf(fused_target_score(p, rt, row, position, col, unused) - n.offset);
+  }
   const int k = rt.model[0];
   const float value = load_as_float(p.targets[k], p.kind, target_offset(p, k, row, position) + col);
-  return p.inputs_are_logits ? expf(value * p.inv_temperature - n.offset[0]) : value * n.inv_sum;
+  return p.inputs_are_logits ? expf(value * p.inv_temperature - n.offset) : value;
 }
 
-// q_t(x) for a draft given as a distribution.
+// q_t(x) for a draft given as a distribution (as given for probabilities).
 COLLAB_HD float draft_probability(const SpeculativeParams& p, const DraftNormaliser& n, int64_t row, int64_t position,
                                   int64_t col) {
   const float value = load_as_float(p.draft, p.kind, draft_offset(p, row, position) + col);
-  return p.inputs_are_logits ? expf(value * p.inv_temperature - n.offset) : value * n.inv_sum;
+  return p.inputs_are_logits ? expf(value * p.inv_temperature - n.offset) : value;
 }
 
 COLLAB_HD double speculative_uniform(int64_t seed, uint32_t index, uint32_t stream) {
   const Philox4 bits = philox4x32_10(Philox4{{index, stream, 0u, 0u}}, static_cast<uint64_t>(seed));
   return uniform_double01(bits.v[0], bits.v[1]);
 }
+
+// The race's random bits for columns 4·group .. 4·group + 3 of a row.
+COLLAB_HD Philox4 final_race_bits(int64_t seed, int64_t group) {
+  const uint64_t g = static_cast<uint64_t>(group);
+  return philox4x32_10(Philox4{{static_cast<uint32_t>(g), kFinalRaceStream, static_cast<uint32_t>(g >> 32), 0u}},
+                       static_cast<uint64_t>(seed));
+}
+
+// E = -log(1 - u), exponential with mean 1 and never 0 (u < 1 - 2^-25). log1p keeps small E, the
+// ones that win the race, accurate.
+COLLAB_HD float race_exponential(uint32_t bits) { return -log1pf(-uniform_open01(bits)); }
 
 // Lossless acceptance: accept with probability min(1, p/q), i.e. u * q < p.
 COLLAB_HD bool accept_draft(double uniform, float p_of_draft, float q_of_draft) {
@@ -180,7 +254,7 @@ COLLAB_HD void write_row(const SpeculativeParams& p, int64_t row, int64_t accept
 
 // The row-level checks that need no distribution: n in [0, K] and used draft ids in [0, V).
 COLLAB_HD bool row_drafts_valid(const SpeculativeParams& p, int64_t row) {
-  const int64_t n = p.num_draft_tokens[row];
+  const int64_t n = row_num_drafts(p, row);
   if (n < 0 || n > p.num_drafts) return false;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t id = p.draft_tokens[row * p.num_drafts + i];

@@ -1,16 +1,15 @@
 // CPU kernel of speculative_verify: one batch row at a time (the launcher in speculative_verify.cpp
 // spreads rows over threads), every full-row pass in column tiles of plain loops that vectorise.
-//
-// Per row, with n = num_draft_tokens[b]:
-//   1. Normalisers of every used position: target 0..n and, in sample mode, draft 0..n-1. The
-//      invalid-row rules look at every used position, so these full-row reads are needed whatever
-//      gets accepted; for a plain probability target the pass is a sum (no logarithms).
-//      A fused target takes a second pass per position for the logsumexp (and argmax) of s_t.
-//   2. The acceptance chain from gathered p_i(x_i), q_i(x_i): no further row reads.
-//   3. The final token at the stop position: one pass writes the residual max(0, p - q) (or p for
-//      the bonus) into a row buffer with per-tile sums; the uniform picks a tile from the tile sums
-//      and then a column inside it (inverse CDF), so only one tile is scanned serially. The stop
-//      row was just read in step 1 and is usually still in cache.
+// What is read and checked is set in common/speculative.h; per row, with n = num_draft_tokens[b]:
+//   1. Normalisers of the rows read whole: target rows 0..n for logits, fused targets and greedy
+//      mode (one pass each: the logsumexp and argmax of l/T or of the fused score u), draft rows
+//      0..n-1 for draft logits. Probabilities used as given need none of this.
+//   2. The drafted entries p_i(x_i), q_i(x_i) of every used position (checked), then the
+//      acceptance chain: no further row reads.
+//   3. The final token at the stop position: one pass writes the mass max(0, p - q) (or p for the
+//      bonus) into a row buffer with per-tile sums, checking given probabilities on the way; the
+//      uniform picks a tile from the tile sums and then a column inside it (inverse CDF), so only
+//      one tile is scanned serially.
 // Torch-free.
 #pragma once
 #include <algorithm>
@@ -44,10 +43,6 @@ struct SpeculativeScratch {
   std::vector<DraftNormaliser> draft;
 };
 
-inline void load_tile(const void* base, ScalarKind kind, int64_t offset, int64_t count, float* dst) {
-  load_scaled_tile(base, kind, offset, count, 1.f, dst);
-}
-
 inline float tile_sum(const float* x, int64_t count) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -55,11 +50,12 @@ inline float tile_sum(const float* x, int64_t count) {
   return sum;
 }
 
-inline float tile_min(const float* x, int64_t count) {
-  float smallest = INFINITY;
-#pragma omp simd reduction(min : smallest)
-  for (int64_t i = 0; i < count; ++i) smallest = std::min(smallest, x[i]);
-  return smallest;
+// Whether every value of the tile is a valid probability read as given (finite, non-negative).
+inline bool tile_probabilities_valid(const float* x, int64_t count) {
+  int bad = 0;
+#pragma omp simd reduction(| : bad)
+  for (int64_t i = 0; i < count; ++i) bad |= !probability_entry_valid(x[i]);
+  return bad == 0;
 }
 
 // First index of the largest value of the tile whose value beats `best`; updates best.
@@ -72,11 +68,10 @@ inline void track_argmax(const float* x, int64_t count, int64_t col, float& best
   }
 }
 
-// Normaliser of one probability or logit row (a plain target model or the draft): 1/sum and the
-// log-space offset, whether the row leaves its distribution undefined, and its argmax when asked.
+// One row read whole, as a single input (a plain target model or the draft): the logsumexp of
+// l/T for logits, or the checks of probabilities used as given (greedy); the argmax when asked.
 struct RowNormaliser {
   float offset;
-  float inv_sum;
   bool undefined;
   int64_t argmax;
 };
@@ -97,75 +92,73 @@ inline RowNormaliser single_row_normaliser(const SpeculativeParams& p, const voi
     result.offset = online_lse_value(state);
     result.undefined = log_normaliser_undefined(result.offset);
   } else {
-    double sum = 0.0;
-    float smallest = INFINITY;
+    bool valid = true;
     for (int64_t col = 0; col < p.vocab; col += kSpeculativeTile) {
       const int64_t count = std::min(kSpeculativeTile, p.vocab - col);
-      load_tile(base, p.kind, offset + col, count, tile);
-      sum += tile_sum(tile, count);
-      smallest = std::min(smallest, tile_min(tile, count));
-      if (want_argmax) track_argmax(tile, count, col, best, best_col);
+      load_scaled_tile(base, p.kind, offset + col, count, 1.f, tile);
+      valid &= tile_probabilities_valid(tile, count);
+      track_argmax(tile, count, col, best, best_col);
     }
-    result.undefined = probability_sum_undefined(sum, smallest);
-    result.inv_sum = static_cast<float>(1.0 / sum);
-    result.offset = static_cast<float>(std::log(sum));
+    result.offset = 0.f;
+    result.undefined = !valid || !(best > 0.f);  // bad entries, or no mass at all
   }
   result.argmax = best_col;
   return result;
 }
 
-// score[i] = s_t(col + i) of a fused target, from its per-model offsets.
-inline void fused_score_tile(const SpeculativeParams& p, const RowTargets& rt, const float* offset, int64_t row,
-                             int64_t position, int64_t col, int64_t count, float* tile, float* score) {
+// score[i] = u_t(col + i) of a fused target; returns false when a participating input in the tile
+// is NaN or +inf (the row is poisoned).
+inline bool fused_score_tile(const SpeculativeParams& p, const RowTargets& rt, int64_t row, int64_t position,
+                             int64_t col, int64_t count, float* tile, float* score) {
   for (int64_t i = 0; i < count; ++i) score[i] = 0.f;
+  int poisoned = 0;
   for (int j = 0; j < rt.count; ++j) {
     const int k = rt.model[j];
     load_scaled_tile(p.targets[k], p.kind, target_offset(p, k, row, position) + col, count, p.inv_temperature, tile);
     if (!p.inputs_are_logits) {
       for (int64_t i = 0; i < count; ++i) tile[i] = std::log(tile[i]);
     }
-    const float w = rt.weight[j], c = offset[j];
+    const float w = rt.weight[j];
     for (int64_t i = 0; i < count; ++i) {
+      poisoned |= poisons_row(tile[i]);
       // -inf excludes the token whatever the sign of w.
-      score[i] = (tile[i] == -INFINITY || score[i] == -INFINITY) ? -INFINITY : score[i] + w * (tile[i] - c);
+      score[i] = (tile[i] == -INFINITY || score[i] == -INFINITY) ? -INFINITY : score[i] + w * tile[i];
     }
   }
+  return poisoned == 0;
 }
 
 inline TargetNormaliser target_normaliser(const SpeculativeParams& p, const RowTargets& rt, int64_t row,
                                           int64_t position, SpeculativeScratch& s) {
   TargetNormaliser n{};
-  n.undefined = false;
-  for (int j = 0; j < rt.count; ++j) {
-    const int k = rt.model[j];
-    const RowNormaliser model = single_row_normaliser(p, p.targets[k], target_offset(p, k, row, position),
-                                                      p.greedy && rt.plain, s.tile.data());
-    n.offset[j] = model.offset;
-    n.inv_sum = model.inv_sum;
+  if (rt.plain) {
+    const int k = rt.model[0];
+    const RowNormaliser model =
+        single_row_normaliser(p, p.targets[k], target_offset(p, k, row, position), p.greedy, s.tile.data());
+    n.offset = model.offset;
     n.argmax = model.argmax;
-    // A model with nothing left excludes every token: the fused target is undefined too.
-    n.undefined |= model.undefined;
+    n.undefined = model.undefined;
+    return n;
   }
-  if (rt.plain || n.undefined) return n;
-
   OnlineLse state = online_lse_init();
   float best = -INFINITY;
   int64_t best_col = 0;
+  bool clean = true;
   for (int64_t col = 0; col < p.vocab; col += kSpeculativeTile) {
     const int64_t count = std::min(kSpeculativeTile, p.vocab - col);
-    fused_score_tile(p, rt, n.offset, row, position, col, count, s.tile.data(), s.score.data());
+    clean &= fused_score_tile(p, rt, row, position, col, count, s.tile.data(), s.score.data());
     state = online_lse_merge(state, tile_lse(s.score.data(), count));
     if (p.greedy) track_argmax(s.score.data(), count, col, best, best_col);
   }
-  n.fused_offset = online_lse_value(state);
-  n.undefined = log_normaliser_undefined(n.fused_offset);
+  n.offset = online_lse_value(state);
+  n.undefined = !clean || log_normaliser_undefined(n.offset);
   n.argmax = best_col;
   return n;
 }
 
 inline DraftNormaliser draft_normaliser(const SpeculativeParams& p, int64_t row, int64_t position, float* tile) {
   const RowNormaliser d = single_row_normaliser(p, p.draft, draft_offset(p, row, position), false, tile);
-  return DraftNormaliser{d.offset, d.inv_sum, d.undefined};
+  return DraftNormaliser{d.offset, d.undefined};
 }
 
 // p_t over one tile into out[0..count).
@@ -173,31 +166,40 @@ inline void target_probability_tile(const SpeculativeParams& p, const RowTargets
                                     int64_t row, int64_t position, int64_t col, int64_t count, SpeculativeScratch& s,
                                     float* out) {
   if (!rt.plain) {
-    fused_score_tile(p, rt, n.offset, row, position, col, count, s.tile.data(), out);
-    for (int64_t i = 0; i < count; ++i) out[i] = std::exp(out[i] - n.fused_offset);
+    fused_score_tile(p, rt, row, position, col, count, s.tile.data(), out);
+    for (int64_t i = 0; i < count; ++i) out[i] = std::exp(out[i] - n.offset);
     return;
   }
   const int k = rt.model[0];
   const int64_t offset = target_offset(p, k, row, position) + col;
   if (p.inputs_are_logits) {
     load_scaled_tile(p.targets[k], p.kind, offset, count, p.inv_temperature, out);
-    for (int64_t i = 0; i < count; ++i) out[i] = std::exp(out[i] - n.offset[0]);
+    for (int64_t i = 0; i < count; ++i) out[i] = std::exp(out[i] - n.offset);
   } else {
-    load_scaled_tile(p.targets[k], p.kind, offset, count, n.inv_sum, out);
+    load_scaled_tile(p.targets[k], p.kind, offset, count, 1.f, out);
   }
 }
 
+// The stop position's mass, tile by tile.
+struct StopMass {
+  double total;
+  bool valid;  // every probability read as given was a valid entry
+};
+
 // Fills s.residual with the stop position's mass (max(0, p - q) after a rejection at `position`,
-// p alone when `subtract_draft` is false) and s.tile_sums with its per-tile sums; returns the total.
-inline double stop_mass(const SpeculativeParams& p, const RowTargets& rt, int64_t row, int64_t position,
-                        bool subtract_draft, SpeculativeScratch& s) {
+// p alone when `subtract_draft` is false) and s.tile_sums with its per-tile sums.
+inline StopMass stop_mass(const SpeculativeParams& p, const RowTargets& rt, int64_t row, int64_t position,
+                          bool subtract_draft, SpeculativeScratch& s) {
   const bool one_hot = p.draft == nullptr;
+  const bool check_target = !target_rows_read_whole(p, rt);
+  const bool check_draft = subtract_draft && !one_hot && !draft_rows_read_whole(p);
   const int64_t rejected_id = subtract_draft ? p.draft_tokens[row * p.num_drafts + position] : -1;
-  double total = 0.0;
+  StopMass result{0.0, true};
   for (int64_t col = 0, t = 0; col < p.vocab; col += kSpeculativeTile, ++t) {
     const int64_t count = std::min(kSpeculativeTile, p.vocab - col);
     float* mass = s.residual.data() + col;
     target_probability_tile(p, rt, s.target[position], row, position, col, count, s, mass);
+    if (check_target) result.valid &= tile_probabilities_valid(mass, count);
     if (subtract_draft && one_hot) {
       if (rejected_id >= col && rejected_id < col + count) mass[rejected_id - col] = 0.f;
     } else if (subtract_draft) {
@@ -208,14 +210,15 @@ inline double stop_mass(const SpeculativeParams& p, const RowTargets& rt, int64_
         load_scaled_tile(p.draft, p.kind, offset, count, p.inv_temperature, q);
         for (int64_t i = 0; i < count; ++i) q[i] = std::exp(q[i] - d.offset);
       } else {
-        load_scaled_tile(p.draft, p.kind, offset, count, d.inv_sum, q);
+        load_scaled_tile(p.draft, p.kind, offset, count, 1.f, q);
       }
+      if (check_draft) result.valid &= tile_probabilities_valid(q, count);
       for (int64_t i = 0; i < count; ++i) mass[i] = residual_mass(mass[i], q[i]);
     }
     s.tile_sums[t] = tile_sum(mass, count);
-    total += s.tile_sums[t];
+    result.total += s.tile_sums[t];
   }
-  return total;
+  return result;
 }
 
 // Inverse CDF over s.residual: the first column whose running sum exceeds uniform * total. The
@@ -243,44 +246,55 @@ inline int64_t draw_from_mass(const SpeculativeParams& p, double total, double u
 
 inline void speculative_verify_row(const SpeculativeParams& p, int64_t row, SpeculativeScratch& s) {
   if (!row_drafts_valid(p, row)) return write_invalid_row(p, row);
-  const int64_t n = p.num_draft_tokens[row];
+  const int64_t n = row_num_drafts(p, row);
   const RowTargets rt = row_targets(p, row);
-  const bool sample = !p.greedy;
   const bool draft_given = p.draft != nullptr;
   for (int64_t t = 0; t <= n; ++t) {
-    s.target[t] = target_normaliser(p, rt, row, t, s);
-    if (s.target[t].undefined) return write_invalid_row(p, row);
+    if (target_rows_read_whole(p, rt)) {
+      s.target[t] = target_normaliser(p, rt, row, t, s);
+      if (s.target[t].undefined) return write_invalid_row(p, row);
+    } else {
+      s.target[t] = TargetNormaliser{0.f, 0, false};
+    }
   }
-  if (sample && draft_given) {
-    for (int64_t t = 0; t < n; ++t) {
+  for (int64_t t = 0; t < n; ++t) {
+    if (draft_rows_read_whole(p)) {
       s.draft[t] = draft_normaliser(p, row, t, s.tile.data());
       if (s.draft[t].undefined) return write_invalid_row(p, row);
+    } else {
+      s.draft[t] = DraftNormaliser{0.f, false};
     }
   }
 
   const int64_t* drafts = p.draft_tokens + row * p.num_drafts;
   int64_t accepted = 0;
-  while (accepted < n) {
-    const int64_t id = drafts[accepted];
-    bool ok;
-    if (p.greedy) {
-      ok = id == s.target[accepted].argmax;
-    } else {
-      const float p_of_draft = target_probability(p, rt, s.target[accepted], row, accepted, id);
-      const float q_of_draft = draft_given ? draft_probability(p, s.draft[accepted], row, accepted, id) : 1.f;
-      ok = accept_draft(speculative_uniform(p.seed[row], static_cast<uint32_t>(accepted), kAcceptStream), p_of_draft,
-                        q_of_draft);
-    }
-    if (!ok) break;
-    ++accepted;
+  if (p.greedy) {
+    while (accepted < n && drafts[accepted] == s.target[accepted].argmax) ++accepted;
+    return write_row(p, row, accepted, s.target[accepted].argmax);
   }
 
-  if (p.greedy) return write_row(p, row, accepted, s.target[accepted].argmax);
-  const double uniform = speculative_uniform(p.seed[row], 0u, kFinalDrawStream);
-  double total = stop_mass(p, rt, row, accepted, accepted < n, s);
-  // max(0, p - q) is zero everywhere only when p == q up to rounding: then p itself is sampled.
-  if (!(total > 0.0)) total = stop_mass(p, rt, row, accepted, false, s);
-  write_row(p, row, accepted, draw_from_mass(p, total, uniform, s));
+  // Every used drafted entry is read (the CUDA kernel gathers them all at once), then the chain.
+  const int64_t seed = row_seed(p, row);
+  accepted = n;
+  for (int64_t i = 0; i < n; ++i) {
+    const float p_of_draft = target_probability(p, rt, s.target[i], row, i, drafts[i]);
+    const float q_of_draft = draft_given ? draft_probability(p, s.draft[i], row, i, drafts[i]) : 1.f;
+    if (!probability_entry_valid(p_of_draft) || !probability_entry_valid(q_of_draft)) {
+      return write_invalid_row(p, row);
+    }
+    if (accepted == n &&
+        !accept_draft(speculative_uniform(seed, static_cast<uint32_t>(i), kAcceptStream), p_of_draft, q_of_draft)) {
+      accepted = i;
+    }
+  }
+
+  const double uniform = speculative_uniform(seed, 0u, kFinalDrawStream);
+  StopMass mass = stop_mass(p, rt, row, accepted, accepted < n, s);
+  if (!mass.valid) return write_invalid_row(p, row);
+  // max(0, p - q) is zero everywhere only when p <= q everywhere: then p itself is sampled.
+  if (!(mass.total > 0.0)) mass = stop_mass(p, rt, row, accepted, false, s);
+  if (!(mass.total > 0.0)) return write_invalid_row(p, row);  // the stop row has no mass
+  write_row(p, row, accepted, draw_from_mass(p, mass.total, uniform, s));
 }
 
 }  // namespace cpu

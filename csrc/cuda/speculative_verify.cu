@@ -6,40 +6,68 @@ namespace cuda {
 namespace {
 
 constexpr int kSpeculativeThreads = 256;
-// Enough blocks to keep every SM busy with a few resident blocks; no chunk shorter than this, so
-// a block's fixed cost (merging partials, the acceptance chain) stays small next to its reads.
-constexpr int kBlocksPerSm = 4;
-constexpr int64_t kMinChunk = 2048;
+// One full wave of resident blocks per launch (memory latency is hidden by blocks in flight, and
+// a second, partial wave would idle most SMs at its end), and no chunk shorter than one 16-byte
+// load per thread, so that a block's fixed cost (the decision, the merge) stays small next to its
+// reads. Chunks are whole 16-byte vectors (8 columns).
+constexpr int64_t kMinChunk = 1024;
+constexpr int64_t kChunkGranule = 8;
 
 size_t aligned(size_t bytes) { return (bytes + 255) & ~size_t{255}; }
 
-struct SpeculativePlan {
+struct Split {
   int32_t splits;
   int64_t chunk;
-  size_t model_partials, target_normalisers, draft_normalisers, fused_partials, mass_partials, decisions;
+};
+
+// Cuts each of `rows` vocabulary rows into at most kThreads chunks (the last block merges one
+// partial per thread) so that rows * splits blocks fill the GPU's resident slots once.
+Split split_rows(int64_t rows, int64_t vocab, int64_t resident_blocks) {
+  const int64_t wanted = resident_blocks / (rows > 0 ? rows : 1);
+  const int64_t most = (vocab + kMinChunk - 1) / kMinChunk;
+  int64_t splits = wanted < most ? wanted : most;
+  splits = splits < 1 ? 1 : (splits > kSpeculativeThreads ? kSpeculativeThreads : splits);
+  int64_t chunk = (vocab + splits - 1) / splits;
+  chunk = (chunk + kChunkGranule - 1) / kChunkGranule * kChunkGranule;
+  Split s;
+  s.splits = static_cast<int32_t>((vocab + chunk - 1) / chunk);
+  if (s.splits < 1) s.splits = 1;
+  s.chunk = chunk;
+  return s;
+}
+
+struct SpeculativePlan {
+  bool run_normalisers;
+  Split normaliser, race;
+  size_t counters, target_partials, draft_partials, target_normalisers, draft_normalisers, race_partials;
   size_t total() const {
-    return model_partials + target_normalisers + draft_normalisers + fused_partials + mass_partials + decisions;
+    return counters + target_partials + draft_partials + target_normalisers + draft_normalisers + race_partials;
   }
 };
 
 SpeculativePlan plan(const SpeculativeParams& p) {
-  int device = 0, sms = 1;
+  int device = 0, sms = 1, normaliser_per_sm = 1, verify_per_sm = 1;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t positions = p.num_drafts + 1;
-  const int64_t row_blocks = p.batch * positions > 0 ? p.batch * positions : 1;
-  const int64_t wanted = (int64_t{kBlocksPerSm} * sms + row_blocks - 1) / row_blocks;
-  const int64_t most = (p.vocab + kMinChunk - 1) / kMinChunk;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&normaliser_per_sm, normaliser_kernel<kSpeculativeThreads>,
+                                                kSpeculativeThreads, 0);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&verify_per_sm, verify_kernel<kSpeculativeThreads>,
+                                                kSpeculativeThreads, 0);
+  const int64_t normaliser_slots = int64_t{sms} * (normaliser_per_sm > 0 ? normaliser_per_sm : 1);
+  const int64_t verify_slots = int64_t{sms} * (verify_per_sm > 0 ? verify_per_sm : 1);
+  const size_t rows = static_cast<size_t>(p.batch), positions = static_cast<size_t>(p.num_drafts + 1);
   SpeculativePlan plan{};
-  plan.splits = static_cast<int32_t>(wanted < most ? wanted : most);
-  plan.chunk = (p.vocab + plan.splits - 1) / plan.splits;
-  const size_t rows = static_cast<size_t>(p.batch), slots = static_cast<size_t>(p.num_targets + 1);
-  plan.model_partials = aligned(rows * positions * slots * plan.splits * sizeof(RowPartial));
+  // Sample mode with one plain probability target reads no row whole: no normaliser launch.
+  plan.run_normalisers = p.greedy || !all_rows_plain_probabilities(p);
+  plan.normaliser = split_rows(p.batch * static_cast<int64_t>(positions), p.vocab, normaliser_slots);
+  plan.race = p.greedy ? Split{1, p.vocab} : split_rows(p.batch, p.vocab, verify_slots);
+  plan.counters = aligned((rows * positions + rows) * sizeof(unsigned int));
+  const size_t normaliser_partials = plan.run_normalisers ? rows * positions * plan.normaliser.splits : 0;
+  plan.target_partials = aligned(normaliser_partials * sizeof(RowPartial));
+  plan.draft_partials = aligned(normaliser_partials * sizeof(RowPartial));
   plan.target_normalisers = aligned(rows * positions * sizeof(TargetNormaliser));
   plan.draft_normalisers = aligned(rows * positions * sizeof(DraftNormaliser));
-  plan.fused_partials = aligned(rows * positions * plan.splits * sizeof(RowPartial));
-  plan.mass_partials = aligned(rows * plan.splits * sizeof(float2));
-  plan.decisions = aligned(rows * sizeof(RowDecision));
+  plan.race_partials = aligned(rows * plan.race.splits * sizeof(RaceState));
   return plan;
 }
 
@@ -49,35 +77,38 @@ size_t speculative_verify_workspace_bytes(const SpeculativeParams& params) { ret
 
 cudaError_t launch_speculative_verify(const SpeculativeParams& params, void* workspace, cudaStream_t stream) {
   if (params.batch == 0) return cudaSuccess;
-  if (params.batch > 65535) return cudaErrorInvalidConfiguration;
+  if (params.batch > 65535 || params.num_drafts + 1 > 65535) return cudaErrorInvalidConfiguration;
   const SpeculativePlan layout = plan(params);
   char* bytes = static_cast<char*>(workspace);
   SpeculativeWorkspace w{};
-  w.model_partials = reinterpret_cast<RowPartial*>(bytes);
-  bytes += layout.model_partials;
+  w.position_done = reinterpret_cast<unsigned int*>(bytes);
+  w.row_done = w.position_done + params.batch * (params.num_drafts + 1);
+  bytes += layout.counters;
+  w.target_partials = reinterpret_cast<RowPartial*>(bytes);
+  bytes += layout.target_partials;
+  w.draft_partials = reinterpret_cast<RowPartial*>(bytes);
+  bytes += layout.draft_partials;
   w.target_normalisers = reinterpret_cast<TargetNormaliser*>(bytes);
   bytes += layout.target_normalisers;
   w.draft_normalisers = reinterpret_cast<DraftNormaliser*>(bytes);
   bytes += layout.draft_normalisers;
-  w.fused_partials = reinterpret_cast<RowPartial*>(bytes);
-  bytes += layout.fused_partials;
-  w.mass_partials = reinterpret_cast<float2*>(bytes);
-  bytes += layout.mass_partials;
-  w.decisions = reinterpret_cast<RowDecision*>(bytes);
-  w.splits = layout.splits;
-  w.chunk = layout.chunk;
+  w.race_partials = reinterpret_cast<RaceState*>(bytes);
+  w.normaliser_splits = layout.normaliser.splits;
+  w.normaliser_chunk = layout.normaliser.chunk;
+  w.race_splits = layout.race.splits;
+  w.race_chunk = layout.race.chunk;
 
+  // The "last block done" counters start at zero on every call (the workspace is not zeroed).
+  cudaError_t status = cudaMemsetAsync(workspace, 0, layout.counters, stream);
+  if (status != cudaSuccess) return status;
   constexpr int kThreads = kSpeculativeThreads;
-  const dim3 position_grid(layout.splits, static_cast<unsigned>(params.num_drafts + 1),
-                           static_cast<unsigned>(params.batch));
-  const dim3 row_grid(layout.splits, static_cast<unsigned>(params.batch));
-  const size_t normaliser_bytes = (params.num_drafts + 1) * sizeof(TargetNormaliser);
-  normaliser_partials_kernel<kThreads><<<position_grid, kThreads, 0, stream>>>(params, w);
-  fused_partials_kernel<kThreads><<<position_grid, kThreads, 0, stream>>>(params, w);
-  stop_mass_kernel<kThreads><<<row_grid, kThreads, normaliser_bytes, stream>>>(params, w);
-  if (!params.greedy) {
-    draw_final_token_kernel<kThreads><<<static_cast<unsigned>(params.batch), kThreads, 0, stream>>>(params, w);
+  if (layout.run_normalisers) {
+    const dim3 grid(layout.normaliser.splits, static_cast<unsigned>(params.num_drafts + 1),
+                    static_cast<unsigned>(params.batch));
+    normaliser_kernel<kThreads><<<grid, kThreads, 0, stream>>>(params, w);
   }
+  const dim3 grid(layout.race.splits, static_cast<unsigned>(params.batch));
+  verify_kernel<kThreads><<<grid, kThreads, 0, stream>>>(params, w);
   return cudaGetLastError();
 }
 

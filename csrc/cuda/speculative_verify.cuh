@@ -1,25 +1,23 @@
 // CUDA kernels of speculative_verify. Torch-free; the launcher is in speculative_verify.cu.
 //
-// The work is bandwidth: full-row reads of every used target position and draft position (the
-// invalid-row rules and the normalisers need them), then one pass over the stop row. Each vocabulary
-// row is cut into `splits` column chunks so that even B = 1 spreads over the whole GPU, in four
-// launches whose blocks exchange small partial results through a workspace:
-//   1. normaliser_partials: block (chunk, position, row) reduces its chunk of every participating
-//      target model (and the draft): sum and sign for probabilities, online logsumexp for logits,
-//      argmax for greedy plain targets.
-//   2. fused_partials: merges those partials into per-position normalisers (written by chunk 0) and,
-//      for fused targets only, reduces its chunk of the fused score s_t (logsumexp and argmax).
-//   3. stop_mass: every block of a row repeats the cheap part (merge the fused partials, validity,
-//      the acceptance chain from gathered p_i(x_i), q_i(x_i)), then sums the stop position's mass
-//      max(0, p - q) (and p, for the empty-residual case) over its chunk. Greedy rows finish here.
-//   4. draw_final_token: one block per row turns the uniform into a chunk from the chunk sums and
-//      into a column inside that chunk with a block-wide scan (inverse CDF, as the CPU kernel does
-//      with the same Philox uniforms).
+// The work is bandwidth, and what is read is set in common/speculative.h. At most two launches
+// after one small memset (the "last block done" counters):
+//   1. normaliser_kernel, only when some row is read whole (logits, fused targets, greedy mode):
+//      block (chunk, position, row) reduces its chunk of the target row (online logsumexp in
+//      base 2 of l/T or of the fused score, argmax, bad-value flags) and, for draft logits, of the
+//      draft row, with 16-byte loads. The last block of a (row, position) to finish merges the
+//      chunks and writes the position's normalisers.
+//   2. verify_kernel: every block of a row repeats the cheap part (the drafted entries p_i(x_i),
+//      q_i(x_i) gathered by parallel threads, the acceptance chain, the validity of the row), then
+//      in sample mode runs an exponential race (Gumbel-max) over its chunk of the stop row: the
+//      argmax of m(x) / E(x), m = max(0, p - q) and p alike, E exponential from Philox keyed by
+//      the row seed. The last block of the row to finish merges the chunks' winners and writes
+//      the row. Greedy rows are decided by one block from the normalisers' argmaxes.
+// For fp32 probabilities with a plain target in sample mode, launch 2 is all there is: the drafted
+// entries, then one pass over the stop position's target and draft rows.
 // No host synchronisation; the workspace size depends on shapes only, so the launches capture.
 #pragma once
 #include <cub/block/block_reduce.cuh>
-#include <cub/block/block_scan.cuh>
-#include <cub/warp/warp_reduce.cuh>
 
 #include "common/fusion.h"
 #include "common/speculative.h"
@@ -27,67 +25,101 @@
 namespace collab_ops {
 namespace cuda {
 
-// A reduction over some columns of one row: online logsumexp (logits, fused scores) or a plain
-// sum (probabilities), with the first argmax.
+constexpr int32_t kSawNan = 1;
+constexpr int32_t kPoisoned = 2;  // NaN or +inf input, or a bad probability read as given
+constexpr float kLog2E = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// A reduction over some columns of one row: online logsumexp in base 2 (value = max2 + log2(sum)),
+// the first argmax and the bad-value flags.
 struct RowPartial {
-  float max;  // logsumexp: running max; unused for sums
+  float max2;
   float sum;
   float best;
   int32_t flags;
   int64_t best_col;
 };
 
-constexpr int32_t kSawNan = 1;
-constexpr int32_t kSawNegative = 2;
-
-struct RowDecision {
-  TargetNormaliser stop_target;
-  DraftNormaliser stop_draft;
-  int64_t accepted;
-  bool valid;
-  bool after_rejection;  // the stop mass is max(0, p - q), not the bonus p
+// The winners of the exponential race over some columns: for the residual m = max(0, p - q) and
+// for p itself (the fallback when the residual is zero everywhere); column -1 is no winner yet.
+struct RaceState {
+  float residual_key;
+  float target_key;
+  int64_t residual_col;
+  int64_t target_col;
+  int32_t flags;
 };
 
 struct SpeculativeWorkspace {
-  RowPartial* model_partials;            // [batch][num_drafts + 1][num_targets + 1 (draft)][splits]
+  unsigned int* position_done;          // [batch][num_drafts + 1]: normaliser blocks finished
+  unsigned int* row_done;               // [batch]: race blocks finished
+  RowPartial* target_partials;          // [batch][num_drafts + 1][normaliser_splits]
+  RowPartial* draft_partials;           // [batch][num_drafts + 1][normaliser_splits]
   TargetNormaliser* target_normalisers;  // [batch][num_drafts + 1]
   DraftNormaliser* draft_normalisers;    // [batch][num_drafts + 1]
-  RowPartial* fused_partials;            // [batch][num_drafts + 1][splits]
-  float2* mass_partials;                 // [batch][splits]: (stop mass, p) sums of a chunk
-  RowDecision* decisions;                // [batch]
-  int32_t splits;
-  int64_t chunk;  // columns per split
+  RaceState* race_partials;             // [batch][race_splits]
+  int32_t normaliser_splits;
+  int64_t normaliser_chunk;  // columns per normaliser block
+  int32_t race_splits;
+  int64_t race_chunk;  // columns per race block
 };
+
+// Reads what other blocks wrote before their __threadfence, past this SM's L1.
+template <class T>
+__device__ __forceinline__ T load_from_l2(const T* ptr) {
+  static_assert(sizeof(T) % 4 == 0, "4-byte words");
+  T value;
+  const unsigned int* src = reinterpret_cast<const unsigned int*>(ptr);
+  unsigned int* dst = reinterpret_cast<unsigned int*>(&value);
+#pragma unroll
+  for (int i = 0; i < static_cast<int>(sizeof(T) / 4); ++i) dst[i] = __ldcg(src + i);
+  return value;
+}
+
+// Publishes one block's partial result and says whether this block is the last of `expected` to
+// do so for the same counter (then every partial is visible to it). Call from every thread.
+__device__ __forceinline__ bool finish_block_is_last(unsigned int* counter, unsigned int expected) {
+  __shared__ bool is_last;
+  __syncthreads();  // the partial written by thread 0 precedes the fence
+  if (threadIdx.x == 0) {
+    __threadfence();
+    is_last = atomicAdd(counter, 1u) == expected - 1;
+    if (is_last) __threadfence();
+  }
+  __syncthreads();
+  return is_last;
+}
 
 __device__ __forceinline__ RowPartial row_partial_init() { return RowPartial{-INFINITY, 0.f, -INFINITY, 0, 0}; }
 
+__device__ __forceinline__ void add_log2(RowPartial& r, float x2) {
+  if (x2 != x2) {
+    r.flags |= kSawNan;
+    return;
+  }
+  if (x2 == -INFINITY) return;
+  if (x2 > r.max2) {
+    r.sum = r.sum * exp2f(r.max2 - x2) + 1.f;
+    r.max2 = x2;
+  } else {
+    r.sum += exp2f(x2 - r.max2);
+  }
+}
+
 __device__ __forceinline__ void track_best(RowPartial& r, float value, int64_t col) {
-  if (value > r.best) {  // columns of one thread increase, so strict > keeps the first
+  if (value > r.best || (value == r.best && col < r.best_col)) {
     r.best = value;
     r.best_col = col;
   }
 }
 
-__device__ __forceinline__ void add_log_value(RowPartial& r, float x) {
-  OnlineLse state{r.max, r.sum, false};
-  online_lse_add(state, x);
-  r.max = state.max;
-  r.sum = state.sum;
-  if (x != x) r.flags |= kSawNan;
-}
-
 struct MergeRowPartial {
-  bool log_space;
   __device__ __forceinline__ RowPartial operator()(const RowPartial& a, const RowPartial& b) const {
     RowPartial m;
-    if (log_space) {
-      const OnlineLse merged = online_lse_merge(OnlineLse{a.max, a.sum, false}, OnlineLse{b.max, b.sum, false});
-      m.max = merged.max;
-      m.sum = merged.sum;
-    } else {
-      m.max = -INFINITY;
-      m.sum = a.sum + b.sum;
-    }
+    m.max2 = fmaxf(a.max2, b.max2);
+    m.sum = m.max2 == -INFINITY ? 0.f
+                                : (a.max2 == -INFINITY ? 0.f : a.sum * exp2f(a.max2 - m.max2)) +
+                                      (b.max2 == -INFINITY ? 0.f : b.sum * exp2f(b.max2 - m.max2));
     m.flags = a.flags | b.flags;
     const bool take_b = b.best > a.best || (b.best == a.best && b.best_col < a.best_col);
     m.best = take_b ? b.best : a.best;
@@ -96,321 +128,384 @@ struct MergeRowPartial {
   }
 };
 
-// The log-space normaliser of a merged logsumexp partial (NaN when a NaN was seen).
-__device__ __forceinline__ float log_normaliser(const RowPartial& r) {
-  return online_lse_value(OnlineLse{r.max, r.sum, (r.flags & kSawNan) != 0});
+// The natural-log normaliser of a merged partial: NaN when a NaN was seen, +-inf when nothing is
+// finite.
+__device__ __forceinline__ float natural_lse(const RowPartial& r) {
+  if (r.flags & kSawNan) return NAN;
+  if (r.max2 == -INFINITY || r.max2 == INFINITY) return r.max2;
+  return (r.max2 + log2f(r.sum)) * kLn2;
 }
 
-template <int kThreads>
-__device__ RowPartial block_merge_partial(RowPartial local, bool log_space) {
-  using Reduce = cub::BlockReduce<RowPartial, kThreads>;
+__device__ __forceinline__ RaceState race_init() { return RaceState{-1.f, -1.f, -1, -1, 0}; }
+
+__device__ __forceinline__ bool race_beats(float key, int64_t col, float best_key, int64_t best_col) {
+  return best_col < 0 || key > best_key || (key == best_key && col < best_col);
+}
+
+struct MergeRace {
+  __device__ __forceinline__ RaceState operator()(const RaceState& a, const RaceState& b) const {
+    RaceState m = a;
+    if (b.residual_col >= 0 && race_beats(b.residual_key, b.residual_col, a.residual_key, a.residual_col)) {
+      m.residual_key = b.residual_key;
+      m.residual_col = b.residual_col;
+    }
+    if (b.target_col >= 0 && race_beats(b.target_key, b.target_col, a.target_key, a.target_col)) {
+      m.target_key = b.target_key;
+      m.target_col = b.target_col;
+    }
+    m.flags = a.flags | b.flags;
+    return m;
+  }
+};
+
+template <int kThreads, class T, class Merge>
+__device__ T block_merge(T local, Merge merge) {
+  using Reduce = cub::BlockReduce<T, kThreads>;
   __shared__ typename Reduce::TempStorage storage;
-  __shared__ RowPartial result;
-  const RowPartial merged = Reduce(storage).Reduce(local, MergeRowPartial{log_space});
+  __shared__ T result;
+  const T merged = Reduce(storage).Reduce(local, merge);
   if (threadIdx.x == 0) result = merged;
   __syncthreads();
   return result;
 }
 
-__device__ __forceinline__ bool position_used(const SpeculativeParams& p, int64_t row, int64_t position) {
-  const int64_t n = p.num_draft_tokens[row];
-  return n >= 0 && n <= p.num_drafts && position <= n;
+// Merges partials[0..count) (count <= kThreads), one per thread.
+template <int kThreads, class T, class Merge>
+__device__ T merge_published(const T* partials, int count, T identity, Merge merge) {
+  const T local = static_cast<int>(threadIdx.x) < count ? load_from_l2(partials + threadIdx.x) : identity;
+  return block_merge<kThreads>(local, merge);
 }
 
-__device__ __forceinline__ int64_t chunk_end(const SpeculativeParams& p, const SpeculativeWorkspace& w, int64_t split) {
-  const int64_t end = (split + 1) * w.chunk;
-  return end < p.vocab ? end : p.vocab;
+__device__ __forceinline__ int scalar_bytes(ScalarKind kind) { return kind == ScalarKind::kFloat32 ? 4 : 2; }
+
+// The 4 (fp32) or 8 (bf16, fp16) values of the 16 aligned bytes at `address`.
+__device__ __forceinline__ void load_vector(const char* address, ScalarKind kind, float (&values)[8]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(address));
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (kind == ScalarKind::kFloat32) {
+      values[i] = __uint_as_float(words[i]);
+    } else if (kind == ScalarKind::kBFloat16) {
+      values[2 * i] = bfloat16_to_float(static_cast<uint16_t>(words[i] & 0xffffu));
+      values[2 * i + 1] = bfloat16_to_float(static_cast<uint16_t>(words[i] >> 16));
+    } else {
+      values[2 * i] = float16_to_float(static_cast<uint16_t>(words[i] & 0xffffu));
+      values[2 * i + 1] = float16_to_float(static_cast<uint16_t>(words[i] >> 16));
+    }
+  }
 }
 
-__device__ __forceinline__ int64_t partial_index(const SpeculativeParams& p, const SpeculativeWorkspace& w, int64_t row,
-                                                 int64_t position, int slot, int64_t split) {
-  return ((row * (p.num_drafts + 1) + position) * (p.num_targets + 1) + slot) * w.splits + split;
+// Calls visit(col, a, b) for every column of [begin, end) of one row (kRows = 1, b = 0) or of two
+// rows read side by side (kRows = 2), each column by one thread of the block. 16-byte loads when
+// the rows share their alignment, scalar loads for the unaligned head and tail (or everywhere
+// when they do not). A thread's columns come in no fixed order: reductions break ties by column.
+template <int kThreads, int kRows, class Visit>
+__device__ __forceinline__ void visit_columns(ScalarKind kind, const char* row_a, const char* row_b, int64_t begin,
+                                              int64_t end, Visit& visit) {
+  const int bytes = scalar_bytes(kind);
+  const int per_vector = 16 / bytes;
+  const uintptr_t misalignment = reinterpret_cast<uintptr_t>(row_a + begin * bytes) & 15u;
+  bool vectorise = misalignment % bytes == 0;
+  if (kRows == 2) vectorise &= (reinterpret_cast<uintptr_t>(row_b + begin * bytes) & 15u) == misalignment;
+  int64_t head = vectorise ? static_cast<int64_t>(((16u - misalignment) & 15u) / bytes) : end - begin;
+  if (head > end - begin) head = end - begin;
+  const int64_t body = begin + head;
+  const int64_t vectors = (end - body) / per_vector;
+  const int64_t tail = body + vectors * per_vector;
+  for (int64_t col = begin + threadIdx.x; col < body; col += kThreads) {
+    visit(col, load_as_float(row_a, kind, col), kRows == 2 ? load_as_float(row_b, kind, col) : 0.f);
+  }
+  for (int64_t v = threadIdx.x; v < vectors; v += kThreads) {
+    const int64_t col = body + v * per_vector;
+    float a[8], b[8];
+    load_vector(row_a + col * bytes, kind, a);
+    if (kRows == 2) load_vector(row_b + col * bytes, kind, b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (e < per_vector) visit(col + e, a[e], kRows == 2 ? b[e] : 0.f);
+    }
+  }
+  for (int64_t col = tail + threadIdx.x; col < end; col += kThreads) {
+    visit(col, load_as_float(row_a, kind, col), kRows == 2 ? load_as_float(row_b, kind, col) : 0.f);
+  }
 }
 
-// One chunk of one probability or logit row (a target model or the draft).
+__device__ __forceinline__ const char* target_row(const SpeculativeParams& p, int k, int64_t row, int64_t position) {
+  return static_cast<const char*>(p.targets[k]) + target_offset(p, k, row, position) * scalar_bytes(p.kind);
+}
+
+__device__ __forceinline__ const char* draft_row(const SpeculativeParams& p, int64_t row, int64_t position) {
+  return static_cast<const char*>(p.draft) + draft_offset(p, row, position) * scalar_bytes(p.kind);
+}
+
+__device__ __forceinline__ int64_t chunk_end(int64_t chunk, int64_t split, int64_t vocab) {
+  const int64_t end = (split + 1) * chunk;
+  return end < vocab ? end : vocab;
+}
+
+// The logsumexp (base 2), argmax and flags of columns [begin, end) of a row read as one input:
+// l/T for logits, or probabilities used as given (greedy: argmax and checks only).
 template <int kThreads>
-__device__ RowPartial chunk_partial(const SpeculativeParams& p, const void* base, int64_t offset, int64_t begin,
-                                    int64_t end, bool want_argmax) {
+__device__ RowPartial single_row_partial(const SpeculativeParams& p, const char* row, int64_t begin, int64_t end,
+                                         bool want_argmax) {
+  RowPartial local = row_partial_init();
+  const float scale2 = p.inv_temperature * kLog2E;
+  const bool logits = p.inputs_are_logits;
+  auto visit = [&](int64_t col, float value, float) {
+    if (logits) {
+      const float a = value * p.inv_temperature;
+      if (poisons_row(a)) local.flags |= kPoisoned;
+      add_log2(local, value * scale2);
+      if (want_argmax) track_best(local, a, col);
+    } else {
+      if (!probability_entry_valid(value)) local.flags |= kPoisoned;
+      track_best(local, value, col);
+    }
+  };
+  visit_columns<kThreads, 1>(p.kind, row, nullptr, begin, end, visit);
+  return block_merge<kThreads>(local, MergeRowPartial{});
+}
+
+template <int kThreads>
+__device__ RowPartial fused_row_partial(const SpeculativeParams& p, const RowTargets& rt, int64_t row,
+                                        int64_t position, int64_t begin, int64_t end) {
   RowPartial local = row_partial_init();
   for (int64_t col = begin + threadIdx.x; col < end; col += kThreads) {
-    const float value = load_as_float(base, p.kind, offset + col);
-    if (p.inputs_are_logits) {
-      add_log_value(local, value * p.inv_temperature);
-    } else {
-      local.sum += value;  // NaN and +inf carry into the sum
-      if (value < 0.f) local.flags |= kSawNegative;
-    }
-    if (want_argmax) track_best(local, value, col);
-  }
-  return block_merge_partial<kThreads>(local, p.inputs_are_logits);
-}
-
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) normaliser_partials_kernel(SpeculativeParams p, SpeculativeWorkspace w) {
-  const int64_t split = blockIdx.x, position = blockIdx.y, row = blockIdx.z;
-  if (!position_used(p, row, position)) return;
-  const RowTargets rt = row_targets(p, row);
-  const int64_t begin = split * w.chunk, end = chunk_end(p, w, split);
-  for (int j = 0; j < rt.count; ++j) {
-    const int k = rt.model[j];
-    const RowPartial partial = chunk_partial<kThreads>(p, p.targets[k], target_offset(p, k, row, position), begin, end,
-                                                       p.greedy && rt.plain);
-    if (threadIdx.x == 0) w.model_partials[partial_index(p, w, row, position, j, split)] = partial;
-  }
-  if (!p.greedy && p.draft != nullptr && position < p.num_draft_tokens[row]) {
-    const RowPartial partial = chunk_partial<kThreads>(p, p.draft, draft_offset(p, row, position), begin, end, false);
-    if (threadIdx.x == 0) w.model_partials[partial_index(p, w, row, position, p.num_targets, split)] = partial;
-  }
-}
-
-// Merges the chunk partials of one slot into (log-space offset, 1/sum, argmax, undefined).
-__device__ void merge_slot(const SpeculativeParams& p, const SpeculativeWorkspace& w, int64_t row, int64_t position,
-                           int slot, float& offset, float& inv_sum, int64_t& argmax, bool& undefined) {
-  const MergeRowPartial merge{p.inputs_are_logits};
-  RowPartial merged = w.model_partials[partial_index(p, w, row, position, slot, 0)];
-  for (int64_t split = 1; split < w.splits; ++split) {
-    merged = merge(merged, w.model_partials[partial_index(p, w, row, position, slot, split)]);
-  }
-  argmax = merged.best_col;
-  if (p.inputs_are_logits) {
-    offset = log_normaliser(merged);
-    undefined = log_normaliser_undefined(offset);
-  } else {
-    const float smallest = (merged.flags & kSawNegative) ? -1.f : 0.f;
-    undefined = probability_sum_undefined(merged.sum, smallest);
-    inv_sum = 1.f / merged.sum;
-    offset = logf(merged.sum);
-  }
-}
-
-template <int kThreads>
-__global__ void __launch_bounds__(kThreads) fused_partials_kernel(SpeculativeParams p, SpeculativeWorkspace w) {
-  const int64_t split = blockIdx.x, position = blockIdx.y, row = blockIdx.z;
-  if (!position_used(p, row, position)) return;
-  const RowTargets rt = row_targets(p, row);
-  __shared__ TargetNormaliser target;
-  __shared__ bool slot_undefined[kMaxSpeculativeTargets];
-  if (threadIdx.x < rt.count) {
-    const int j = threadIdx.x;
-    float inv_sum = 0.f;
-    int64_t argmax = 0;
-    merge_slot(p, w, row, position, j, target.offset[j], inv_sum, argmax, slot_undefined[j]);
-    if (j == 0) {
-      target.inv_sum = inv_sum;
-      target.argmax = argmax;
-    }
-  }
-  const bool has_draft = !p.greedy && p.draft != nullptr && position < p.num_draft_tokens[row];
-  if (has_draft && threadIdx.x == kMaxSpeculativeTargets && split == 0) {
-    DraftNormaliser draft{};
-    int64_t unused_argmax;
-    merge_slot(p, w, row, position, p.num_targets, draft.offset, draft.inv_sum, unused_argmax, draft.undefined);
-    w.draft_normalisers[row * (p.num_drafts + 1) + position] = draft;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    target.fused_offset = 0.f;
-    target.undefined = false;
-    // A model with nothing left excludes every token: the fused target is undefined too.
-    for (int j = 0; j < rt.count; ++j) target.undefined |= slot_undefined[j];
-    if (split == 0) w.target_normalisers[row * (p.num_drafts + 1) + position] = target;
-  }
-  __syncthreads();
-  if (rt.plain || target.undefined) return;
-
-  RowPartial local = row_partial_init();
-  for (int64_t col = split * w.chunk + threadIdx.x; col < chunk_end(p, w, split); col += kThreads) {
-    const float score = fused_target_score(p, rt, target.offset, row, position, col);
-    add_log_value(local, score);
+    bool poisoned = false;
+    const float score = fused_target_score(p, rt, row, position, col, poisoned);
+    if (poisoned) local.flags |= kPoisoned;
+    add_log2(local, score * kLog2E);
     if (p.greedy) track_best(local, score, col);
   }
-  const RowPartial merged = block_merge_partial<kThreads>(local, true);
-  if (threadIdx.x == 0) w.fused_partials[(row * (p.num_drafts + 1) + position) * w.splits + split] = merged;
-}
-
-// q at the stop position after a rejection; one-hot at the rejected id without a draft distribution.
-__device__ __forceinline__ float stop_draft_probability(const SpeculativeParams& p, const RowDecision& d, int64_t row,
-                                                        int64_t col) {
-  if (p.draft == nullptr) return col == p.draft_tokens[row * p.num_drafts + d.accepted] ? 1.f : 0.f;
-  return draft_probability(p, d.stop_draft, row, d.accepted, col);
-}
-
-// The stop position's mass at one column: max(0, p - q) after a rejection, else p.
-__device__ __forceinline__ float stop_mass_at(const SpeculativeParams& p, const RowTargets& rt, const RowDecision& d,
-                                              int64_t row, int64_t col, bool subtract_draft) {
-  const float target = target_probability(p, rt, d.stop_target, row, d.accepted, col);
-  return subtract_draft ? residual_mass(target, stop_draft_probability(p, d, row, col)) : target;
+  return block_merge<kThreads>(local, MergeRowPartial{});
 }
 
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads) stop_mass_kernel(SpeculativeParams p, SpeculativeWorkspace w) {
-  const int64_t split = blockIdx.x, row = blockIdx.y;
-  extern __shared__ TargetNormaliser targets[];  // [num_drafts + 1]
-  __shared__ RowDecision decision;
+__global__ void __launch_bounds__(kThreads) normaliser_kernel(SpeculativeParams p, SpeculativeWorkspace w) {
+  const int64_t split = blockIdx.x, position = blockIdx.y, row = blockIdx.z;
+  const int64_t n = row_num_drafts(p, row);
+  if (n < 0 || n > p.num_drafts || position > n) return;  // an invalid row, or a position past n
   __shared__ RowTargets rt;
-  const bool drafts_valid = row_drafts_valid(p, row);
   if (threadIdx.x == 0) rt = row_targets(p, row);
   __syncthreads();
-  const int64_t n = drafts_valid ? p.num_draft_tokens[row] : -1;
+  const bool want_target = target_rows_read_whole(p, rt);
+  const bool want_draft = draft_rows_read_whole(p) && position < n;
+  if (!want_target && !want_draft) return;  // the same for every block of this (row, position)
 
-  // One warp per used position: the normaliser, with the fused logsumexp merged over the chunks.
-  using WarpMerge = cub::WarpReduce<RowPartial>;
-  __shared__ typename WarpMerge::TempStorage warp_storage[kThreads / 32];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t t = warp; t <= n; t += kThreads / 32) {
-    const TargetNormaliser stored = w.target_normalisers[row * (p.num_drafts + 1) + t];
-    const bool merge_fused = !rt.plain && !stored.undefined;
-    RowPartial local = row_partial_init();
-    if (merge_fused) {
-      const MergeRowPartial merge{true};
-      for (int64_t s = lane; s < w.splits; s += 32) {
-        local = merge(local, w.fused_partials[(row * (p.num_drafts + 1) + t) * w.splits + s]);
+  const int64_t begin = split * w.normaliser_chunk, end = chunk_end(w.normaliser_chunk, split, p.vocab);
+  const int64_t slot = row * (p.num_drafts + 1) + position;
+  RowPartial target = row_partial_init(), draft = row_partial_init();
+  if (want_target) {
+    target = rt.plain ? single_row_partial<kThreads>(p, target_row(p, rt.model[0], row, position), begin, end, p.greedy)
+                      : fused_row_partial<kThreads>(p, rt, row, position, begin, end);
+  }
+  if (want_draft) draft = single_row_partial<kThreads>(p, draft_row(p, row, position), begin, end, false);
+  if (threadIdx.x == 0) {
+    w.target_partials[slot * w.normaliser_splits + split] = target;
+    w.draft_partials[slot * w.normaliser_splits + split] = draft;
+  }
+  if (!finish_block_is_last(w.position_done + slot, static_cast<unsigned int>(w.normaliser_splits))) return;
+
+  const RowPartial merged_target = merge_published<kThreads>(w.target_partials + slot * w.normaliser_splits,
+                                                             w.normaliser_splits, row_partial_init(), MergeRowPartial{});
+  const RowPartial merged_draft = merge_published<kThreads>(w.draft_partials + slot * w.normaliser_splits,
+                                                            w.normaliser_splits, row_partial_init(), MergeRowPartial{});
+  if (threadIdx.x != 0) return;
+  if (want_target) {
+    TargetNormaliser t{};
+    t.argmax = merged_target.best_col;
+    if (rt.plain && !p.inputs_are_logits) {  // probabilities used as given, read whole for the argmax
+      t.offset = 0.f;
+      t.undefined = (merged_target.flags & kPoisoned) || !(merged_target.best > 0.f);
+    } else {
+      t.offset = natural_lse(merged_target);
+      t.undefined = (merged_target.flags & kPoisoned) || log_normaliser_undefined(t.offset);
+    }
+    w.target_normalisers[slot] = t;
+  }
+  if (want_draft) {
+    DraftNormaliser d{};
+    d.offset = natural_lse(merged_draft);
+    d.undefined = (merged_draft.flags & kPoisoned) || log_normaliser_undefined(d.offset);
+    w.draft_normalisers[slot] = d;
+  }
+}
+
+// One race entry: column col with target probability p_x and mass m_x = max(0, p_x - q_x).
+struct RaceVisitor {
+  RaceState state;
+  int64_t seed;
+  int64_t cached_group;
+  Philox4 bits;
+
+  __device__ __forceinline__ void enter(int64_t col, float p_x, float residual) {
+    const int64_t group = col >> 2;
+    if (group != cached_group) {  // consecutive columns share one Philox call
+      bits = final_race_bits(seed, group);
+      cached_group = group;
+    }
+    // Selects, not an indexed load: a runtime index would put the four words in local memory.
+    const int word = static_cast<int>(col & 3);
+    const uint32_t random = word == 0 ? bits.v[0] : (word == 1 ? bits.v[1] : (word == 2 ? bits.v[2] : bits.v[3]));
+    const float inv_exponential = 1.f / race_exponential(random);
+    if (residual > 0.f) {
+      const float key = residual * inv_exponential;
+      if (race_beats(key, col, state.residual_key, state.residual_col)) {
+        state.residual_key = key;
+        state.residual_col = col;
       }
     }
-    const RowPartial merged = WarpMerge(warp_storage[warp]).Reduce(local, MergeRowPartial{true});
-    __syncwarp();  // the warp's storage is reused by its next position
-    if (lane == 0) {
-      targets[t] = stored;
-      if (merge_fused) {
-        targets[t].fused_offset = log_normaliser(merged);
-        targets[t].argmax = merged.best_col;
-        targets[t].undefined = log_normaliser_undefined(targets[t].fused_offset);
+    if (p_x > 0.f) {
+      const float key = p_x * inv_exponential;
+      if (race_beats(key, col, state.target_key, state.target_col)) {
+        state.target_key = key;
+        state.target_col = col;
       }
     }
   }
-  __syncthreads();
+};
 
+// What every block of a row decides alike, before its share of the race.
+struct RowDecision {
+  TargetNormaliser stop_target;
+  DraftNormaliser stop_draft;
+  int64_t accepted;
+  int64_t rejected_id;  // the draft id at the stop position after a rejection, else -1
+  bool valid;
+  bool after_rejection;
+};
+
+__device__ __forceinline__ TargetNormaliser given_target() { return TargetNormaliser{0.f, 0, false}; }
+
+template <int kThreads>
+__device__ void decide_row(const SpeculativeParams& p, const SpeculativeWorkspace& w, const RowTargets& rt,
+                           int64_t row, RowDecision& decision) {
+  __shared__ int invalid;
+  __shared__ int first_rejection;
+  const int64_t n = row_num_drafts(p, row);
+  const bool n_valid = n >= 0 && n <= p.num_drafts;
+  if (threadIdx.x == 0) {
+    invalid = n_valid ? 0 : 1;
+    first_rejection = n_valid ? static_cast<int>(n) : 0;
+  }
+  __syncthreads();
+  const bool targets_whole = target_rows_read_whole(p, rt), drafts_whole = draft_rows_read_whole(p);
+  const bool draft_given = p.draft != nullptr;
+  const int64_t seed = p.greedy ? 0 : row_seed(p, row);
+  const int64_t slots = row * (p.num_drafts + 1);
+  // Position i < n: its drafted entries and acceptance; position n: the bonus row's normaliser.
+  for (int64_t i = threadIdx.x; n_valid && i <= n; i += kThreads) {
+    const TargetNormaliser target = targets_whole ? w.target_normalisers[slots + i] : given_target();
+    bool bad = target.undefined;
+    if (i < n) {
+      const int64_t id = p.draft_tokens[row * p.num_drafts + i];
+      bool ok = false;
+      if (id < 0 || id >= p.vocab) {
+        bad = true;
+      } else if (p.greedy) {
+        ok = id == target.argmax;
+      } else {
+        const DraftNormaliser draft = drafts_whole ? w.draft_normalisers[slots + i] : DraftNormaliser{0.f, false};
+        bad |= draft.undefined;
+        const float p_of_draft = target_probability(p, rt, target, row, i, id);
+        const float q_of_draft = draft_given ? draft_probability(p, draft, row, i, id) : 1.f;
+        bad |= !probability_entry_valid(p_of_draft) || !probability_entry_valid(q_of_draft);
+        ok = accept_draft(speculative_uniform(seed, static_cast<uint32_t>(i), kAcceptStream), p_of_draft, q_of_draft);
+      }
+      if (!ok) atomicMin(&first_rejection, static_cast<int>(i));
+    }
+    if (bad) invalid = 1;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
     RowDecision d{};
-    d.valid = drafts_valid;
-    const bool draft_given = p.draft != nullptr;
-    for (int64_t t = 0; d.valid && t <= n; ++t) d.valid = !targets[t].undefined;
-    for (int64_t t = 0; d.valid && !p.greedy && draft_given && t < n; ++t) {
-      d.valid = !w.draft_normalisers[row * (p.num_drafts + 1) + t].undefined;
-    }
-    int64_t accepted = 0;
-    while (d.valid && accepted < n) {
-      const int64_t id = p.draft_tokens[row * p.num_drafts + accepted];
-      bool ok;
-      if (p.greedy) {
-        ok = id == targets[accepted].argmax;
-      } else {
-        const float p_of_draft = target_probability(p, rt, targets[accepted], row, accepted, id);
-        const float q_of_draft =
-            draft_given ? draft_probability(p, w.draft_normalisers[row * (p.num_drafts + 1) + accepted], row,
-                                            accepted, id)
-                        : 1.f;
-        ok = accept_draft(speculative_uniform(p.seed[row], static_cast<uint32_t>(accepted), kAcceptStream),
-                          p_of_draft, q_of_draft);
-      }
-      if (!ok) break;
-      ++accepted;
-    }
-    d.accepted = accepted;
-    d.after_rejection = accepted < n;
+    d.valid = invalid == 0;
+    d.accepted = first_rejection;
+    d.after_rejection = d.accepted < n;
+    d.rejected_id = d.after_rejection ? p.draft_tokens[row * p.num_drafts + d.accepted] : -1;
     if (d.valid) {
-      d.stop_target = targets[accepted];
-      if (d.after_rejection && draft_given) d.stop_draft = w.draft_normalisers[row * (p.num_drafts + 1) + accepted];
+      d.stop_target = targets_whole ? w.target_normalisers[slots + d.accepted] : given_target();
+      d.stop_draft = d.after_rejection && drafts_whole ? w.draft_normalisers[slots + d.accepted] : DraftNormaliser{0.f, false};
     }
     decision = d;
-    if (split == 0) {
-      w.decisions[row] = d;
-      if (!d.valid) {
-        write_invalid_row(p, row);
-      } else if (p.greedy) {
-        write_row(p, row, accepted, targets[accepted].argmax);
-      }
-    }
   }
   __syncthreads();
-  if (!decision.valid || p.greedy) return;
-
-  float2 local = make_float2(0.f, 0.f);
-  for (int64_t col = split * w.chunk + threadIdx.x; col < chunk_end(p, w, split); col += kThreads) {
-    const float target = target_probability(p, rt, decision.stop_target, row, decision.accepted, col);
-    local.x += decision.after_rejection ? residual_mass(target, stop_draft_probability(p, decision, row, col)) : target;
-    local.y += target;
-  }
-  using Reduce = cub::BlockReduce<float, kThreads>;
-  __shared__ typename Reduce::TempStorage storage;
-  const float mass = Reduce(storage).Sum(local.x);
-  __syncthreads();
-  const float target_mass = Reduce(storage).Sum(local.y);
-  if (threadIdx.x == 0) w.mass_partials[row * w.splits + split] = make_float2(mass, target_mass);
 }
 
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads) draw_final_token_kernel(SpeculativeParams p, SpeculativeWorkspace w) {
-  const int64_t row = blockIdx.x;
-  __shared__ RowDecision decision;
+__global__ void __launch_bounds__(kThreads) verify_kernel(SpeculativeParams p, SpeculativeWorkspace w) {
+  const int64_t split = blockIdx.x, row = blockIdx.y;
   __shared__ RowTargets rt;
-  __shared__ int64_t chunk_index;
-  __shared__ float needle_in_chunk;
-  __shared__ bool subtract_draft;
-  __shared__ unsigned long long found;
-  __shared__ long long last_with_mass;
-  if (threadIdx.x == 0) {
-    decision = w.decisions[row];
-    rt = row_targets(p, row);
-    double residual_total = 0.0, target_total = 0.0;
-    for (int64_t s = 0; s < w.splits; ++s) {
-      residual_total += w.mass_partials[row * w.splits + s].x;
-      target_total += w.mass_partials[row * w.splits + s].y;
-    }
-    // max(0, p - q) is zero everywhere only when p == q up to rounding: then p itself is sampled.
-    subtract_draft = decision.after_rejection && residual_total > 0.0;
-    const double total = subtract_draft ? residual_total : target_total;
-    const double needle = speculative_uniform(p.seed[row], 0u, kFinalDrawStream) * total;
-    double before = 0.0;
-    int64_t s = 0;
-    for (; s + 1 < w.splits; ++s) {
-      const double part = subtract_draft ? w.mass_partials[row * w.splits + s].x : w.mass_partials[row * w.splits + s].y;
-      if (before + part > needle && part > 0.0) break;
-      before += part;
-    }
-    chunk_index = s;
-    needle_in_chunk = static_cast<float>(needle - before);
-    found = ~0ull;
-    last_with_mass = -1;
-  }
+  __shared__ RowDecision decision;
+  if (threadIdx.x == 0) rt = row_targets(p, row);
   __syncthreads();
-  if (!decision.valid) return;
-
-  // Each thread owns a contiguous run of the chunk, so a block-wide exclusive scan of the run sums
-  // tells each thread whether the needle falls in its run.
-  const int64_t begin = chunk_index * w.chunk, end = chunk_end(p, w, chunk_index);
-  const int64_t per_thread = (end - begin + kThreads - 1) / kThreads;
-  const int64_t run_begin = begin + threadIdx.x * per_thread;
-  const int64_t run_end = run_begin + per_thread < end ? run_begin + per_thread : end;
-  float run_sum = 0.f;
-  long long run_last = -1;
-  for (int64_t col = run_begin; col < run_end; ++col) {
-    const float mass = stop_mass_at(p, rt, decision, row, col, subtract_draft);
-    run_sum += mass;
-    if (mass > 0.f) run_last = col;
-  }
-  using Scan = cub::BlockScan<float, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  float run_before;
-  Scan(scan_storage).ExclusiveSum(run_sum, run_before);
-  if (run_last >= 0) atomicMax(&last_with_mass, run_last);
-  if (run_sum > 0.f && run_before <= needle_in_chunk && needle_in_chunk < run_before + run_sum) {
-    float running = run_before;
-    for (int64_t col = run_begin; col < run_end; ++col) {
-      const float mass = stop_mass_at(p, rt, decision, row, col, subtract_draft);
-      if (mass <= 0.f) continue;
-      running += mass;
-      if (running > needle_in_chunk) {
-        atomicMin(&found, static_cast<unsigned long long>(col));
-        break;
+  decide_row<kThreads>(p, w, rt, row, decision);
+  if (!decision.valid || p.greedy) {
+    if (split == 0 && threadIdx.x == 0) {
+      if (!decision.valid) {
+        write_invalid_row(p, row);
+      } else {
+        write_row(p, row, decision.accepted, decision.stop_target.argmax);
       }
     }
+    return;
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    // Rounding can leave the needle past the last running sum: the last column with mass then.
-    const int64_t token = found != ~0ull ? static_cast<int64_t>(found) : static_cast<int64_t>(last_with_mass);
-    write_row(p, row, decision.accepted, token);
+
+  // The race over this block's chunk of the stop row.
+  const int64_t stop = decision.accepted;
+  const bool subtract = decision.after_rejection;
+  const bool draft_given = p.draft != nullptr;
+  const bool check_target = !target_rows_read_whole(p, rt);
+  const bool check_draft = subtract && draft_given && !draft_rows_read_whole(p);
+  const int64_t begin = split * w.race_chunk, end = chunk_end(w.race_chunk, split, p.vocab);
+  RaceVisitor race{race_init(), row_seed(p, row), -1, Philox4{}};
+  if (rt.plain) {
+    const TargetNormaliser& t = decision.stop_target;
+    const DraftNormaliser& d = decision.stop_draft;
+    auto visit = [&](int64_t col, float target_value, float draft_value) {
+      const float p_x = p.inputs_are_logits ? expf(target_value * p.inv_temperature - t.offset) : target_value;
+      float q_x = 0.f;
+      if (subtract) {
+        q_x = !draft_given ? (col == decision.rejected_id ? 1.f : 0.f)
+                           : (p.inputs_are_logits ? expf(draft_value * p.inv_temperature - d.offset) : draft_value);
+      }
+      if (check_target && !probability_entry_valid(p_x)) race.state.flags |= kPoisoned;
+      if (check_draft && !probability_entry_valid(q_x)) race.state.flags |= kPoisoned;
+      race.enter(col, p_x, residual_mass(p_x, q_x));
+    };
+    const char* target_values = target_row(p, rt.model[0], row, stop);
+    if (subtract && draft_given) {
+      visit_columns<kThreads, 2>(p.kind, target_values, draft_row(p, row, stop), begin, end, visit);
+    } else {
+      visit_columns<kThreads, 1>(p.kind, target_values, nullptr, begin, end, visit);
+    }
+  } else {
+    for (int64_t col = begin + threadIdx.x; col < end; col += kThreads) {
+      const float p_x = target_probability(p, rt, decision.stop_target, row, stop, col);
+      float q_x = 0.f;
+      if (subtract) {
+        q_x = draft_given ? draft_probability(p, decision.stop_draft, row, stop, col)
+                          : (col == decision.rejected_id ? 1.f : 0.f);
+      }
+      if (check_draft && !probability_entry_valid(q_x)) race.state.flags |= kPoisoned;
+      race.enter(col, p_x, residual_mass(p_x, q_x));
+    }
+  }
+  const RaceState block = block_merge<kThreads>(race.state, MergeRace{});
+  if (threadIdx.x == 0) w.race_partials[row * w.race_splits + split] = block;
+  if (!finish_block_is_last(w.row_done + row, static_cast<unsigned int>(w.race_splits))) return;
+
+  const RaceState merged = merge_published<kThreads>(w.race_partials + row * w.race_splits, w.race_splits,
+                                                     race_init(), MergeRace{});
+  if (threadIdx.x != 0) return;
+  // max(0, p - q) is zero everywhere only when p <= q everywhere: then p itself is drawn. A stop
+  // row with no mass at all, or a bad value read as given, makes the row invalid.
+  const int64_t token = merged.residual_col >= 0 ? merged.residual_col : merged.target_col;
+  if ((merged.flags & kPoisoned) || token < 0) {
+    write_invalid_row(p, row);
+  } else {
+    write_row(p, row, stop, token);
   }
 }
 

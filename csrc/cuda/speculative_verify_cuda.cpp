@@ -17,7 +17,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> speculative_verify_cuda(
   const SpeculativeParams p = make_speculative_params(draft_tokens, targets, target_weights, draft, num_draft_tokens,
                                                       inputs_are_logits, temperature, greedy, seed, outputs);
   TORCH_CHECK_VALUE(p.batch <= 65535, "the CUDA speculative_verify kernel takes at most 65535 rows, got ", p.batch);
-  // Shape-dependent size only, from the caching allocator: capturable in a CUDA graph.
+  TORCH_CHECK_VALUE(p.num_drafts < 65535, "the CUDA speculative_verify kernel takes at most 65534 drafts per row, got ",
+                    p.num_drafts);
+  // Shape-dependent size only, from the caching allocator: capturable in a CUDA graph. The
+  // launcher zeroes the counters at its start with a memset on the same stream.
   const at::Tensor workspace = at::empty({static_cast<int64_t>(cuda::speculative_verify_workspace_bytes(p))},
                                          draft_tokens.options().dtype(at::kByte));
   const cudaError_t status = cuda::launch_speculative_verify(p, workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
