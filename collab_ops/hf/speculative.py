@@ -41,7 +41,7 @@ from transformers import DynamicCache
 
 from .._validation import INDEX_DTYPES, canonical_seed, check_bool, check_int, check_positive, check_tensor
 from ..ops.fusion import fused_sample
-from ..ops.speculative import _as_int64, _row_seeds, speculative_verify
+from ..ops.speculative import _as_int64, _spread_row_seeds, speculative_verify
 from .processors import _last_positions_kwargs, _model_device
 
 # Odd 64-bit constant (the splitmix64 multiplier) that spaces the random streams of successive
@@ -273,7 +273,7 @@ def speculative_generate(
     weights = _check_target_weights(target_weights, len(targets), batch)
     row_seeds = None
     if do_sample:
-        row_seeds = _row_seeds(canonical_seed("seed", seed, device=device, batch=batch), batch, device, greedy=False)
+        row_seeds = _spread_row_seeds(canonical_seed("seed", seed, device=device, batch=batch), batch, device)
 
     generation_config = getattr(targets[0], "generation_config", None)
     if eos_token_id is None and generation_config is not None:

@@ -268,6 +268,15 @@ def _row_seeds(seed, device: torch.device, greedy: bool) -> torch.Tensor:
     return seed.to(torch.int64).contiguous()
 
 
+def _spread_row_seeds(seed: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """[B] int64 row seeds on `device` from a seed tensor: a [B] tensor as it is, a 0-dim base seed
+    spread over the rows exactly as the implementations spread it (reference.row_seeds)."""
+    if seed.dim() == 1:
+        return seed.to(device=device, dtype=torch.int64)
+    stride = _as_int64(reference.ROW_SEED_STRIDE)
+    return seed.to(device=device, dtype=torch.int64) + torch.arange(batch, dtype=torch.int64, device=device) * stride
+
+
 # Greedy mode reads no seed; one shared CPU scalar stands in for it (never written).
 _UNREAD_SEED = torch.zeros((), dtype=torch.int64)
 
