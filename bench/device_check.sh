@@ -10,7 +10,8 @@
 # the script exits non-zero when any step failed. BENCH_ARGS adds options to the benchmark run
 # (e.g. BENCH_ARGS="--no-compile" or "--only fusion"). DEVICE_CHECK_STEPS picks the steps after the
 # build (default "tests bench"; "profile" runs bench/profile_gpu.py and, where Nsight Compute can
-# read the counters, ncu on the fused_sample and speculative_verify kernels).
+# read the counters, ncu on the cases of bench/profile_gpu.py whose names contain NCU_CASES, default
+# "B=128").
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -99,9 +100,8 @@ wants() { [[ $STEPS == *" $1 "* ]]; }
 if wants profile; then
   run_step profile 150 "$BENCH_RESERVE_S" python3 bench/profile_gpu.py "$OUT/profile_gpu.json"
   if command -v ncu > /dev/null; then
-    run_step ncu 120 "$BENCH_RESERVE_S" ncu --profile-from-start off --section SpeedOfLight \
-      --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy --section ComputeWorkloadAnalysis \
-      python3 bench/profile_gpu.py --once B=
+    run_step ncu 120 "$BENCH_RESERVE_S" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/profile_gpu.py --once "${NCU_CASES:-B=128}"
   else
     echo "ncu: not on PATH" | tee -a "$OUT/summary.txt"
   fi
