@@ -48,6 +48,8 @@ def greedy_case(batch, num_drafts, vocab, *, seed, inputs="logits", dtype=torch.
     best = _reference_argmax(targets, weights, inputs)[:, :num_drafts]
     guess = torch.randint(0, vocab, (batch, num_drafts), generator=generator)
     draft_tokens = torch.where(torch.rand(batch, num_drafts, generator=generator) < 0.7, best, guess)
+    if batch and num_drafts:
+        draft_tokens[0, 0] = best[0, 0]  # row 0 accepts at least one draft unless ragged cuts it
     num_draft_tokens = (
         torch.randint(0, num_drafts + 1, (batch,), generator=generator) if ragged else torch.full((batch,), num_drafts)
     )
