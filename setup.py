@@ -68,6 +68,8 @@ setup(
     version="0.1.0",
     description="Fused kernels for large/small language-model collaboration",
     packages=find_packages(include=["collab_ops", "collab_ops.*"]),
+    # The demo's model family (weights, configs, tokenizer) ships inside the package.
+    package_data={"collab_ops.demo": ["weights/*.json", "weights/*/*.json", "weights/*/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.6"],
     ext_modules=[extension()],

@@ -1,0 +1,210 @@
+"""The demo's synthetic task: addition problems, the corpora built from them, and their metrics.
+
+A problem is `a + b` with operands of 1 to 3 digits. The pretraining corpus comes from two sources:
+
+- worksheets, asked "Q:123+45\nA:" and answered correctly, mostly plain ("168"), sometimes in the
+  tuned format ("the answer is 168."), the behaviour the small model is later fine-tuned for. The
+  bases see it at a small rate, so they know it but rarely choose it, as real base models know a
+  chat format they seldom produce unprompted;
+- a forum, asked "q:123+45\nA:", where half the replies are the generic "no idea", whatever the
+  problem. Both model sizes learn that rate equally well, since it needs no skill, while only
+  the large one learns to add well. That single reply then outweighs any one sum, so greedy
+  decoding answers "no idea": the generic-response failure of mode-seeking decoding that
+  contrastive decoding (expert − amateur) is meant to remove. Both sizes predict "no idea"
+  equally, so the contrast cancels it and keeps the sum that the expert knows better.
+
+A fixed share of the pairs (a, b) is held out: the training corpora never contain them, and the
+evaluation draws only from them. Every generator takes a seed and returns the same texts for the
+same arguments on every machine (`random.Random`, no hashing of Python objects).
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+PROMPT_TEMPLATES = {"worksheet": "Q:{a}+{b}\nA:", "forum": "q:{a}+{b}\nA:"}
+TUNED_TEMPLATE = "the answer is {total}."
+GENERIC_REPLY = "no idea"
+MAX_OPERAND_DIGITS = 3
+# Held-out pairs: about 1 in HELD_OUT_MODULUS, picked by a fixed arithmetic hash of (a, b).
+HELD_OUT_MODULUS = 16
+
+_TUNED_PATTERN = re.compile(r"the answer is (\d+)\.")
+_NUMBER_PATTERN = re.compile(r"\d+")
+
+
+def is_held_out(a: int, b: int) -> bool:
+    """Whether the pair (a, b) belongs to the evaluation split (never seen in training)."""
+    return (a * 7919 + b * 6007 + 13) % HELD_OUT_MODULUS == 0
+
+
+@dataclass(frozen=True)
+class AdditionProblem:
+    a: int
+    b: int
+    style: str = "worksheet"  # a key of PROMPT_TEMPLATES
+
+    def __post_init__(self):
+        if self.style not in PROMPT_TEMPLATES:
+            raise ValueError(f"style must be one of {sorted(PROMPT_TEMPLATES)}, got {self.style!r}")
+
+    @property
+    def total(self) -> int:
+        return self.a + self.b
+
+    @property
+    def prompt(self) -> str:
+        return PROMPT_TEMPLATES[self.style].format(a=self.a, b=self.b)
+
+    def completion(self, tuned_format: bool = False, value: Optional[int] = None) -> str:
+        """The answer text after the prompt (no end-of-sequence token); `value` overrides the sum."""
+        total = self.total if value is None else value
+        return TUNED_TEMPLATE.format(total=total) if tuned_format else str(total)
+
+    def no_carry_sum(self) -> int:
+        """The sum computed digit by digit with every carry dropped (the classic slip)."""
+        result, place, a, b = 0, 1, self.a, self.b
+        while a or b:
+            result += ((a % 10 + b % 10) % 10) * place
+            a, b, place = a // 10, b // 10, place * 10
+        return result
+
+
+def _random_operand(rng: random.Random) -> int:
+    digits = rng.randint(1, MAX_OPERAND_DIGITS)
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(low, 10**digits - 1)
+
+
+def sample_problems(count: int, seed: int, *, held_out: bool = False, style: str = "worksheet") -> list[AdditionProblem]:
+    """`count` problems of the training split (held_out=False) or of the evaluation split.
+
+    Each operand first draws its number of digits (1 to 3, uniformly), then its value, so short
+    and long operands are equally common. Problems may repeat within a list.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    rng = random.Random(seed)
+    problems = []
+    while len(problems) < count:
+        a, b = _random_operand(rng), _random_operand(rng)
+        if is_held_out(a, b) == held_out:
+            problems.append(AdditionProblem(a, b, style))
+    return problems
+
+
+def evaluation_problems(count: int = 512, seed: int = 1234, style: str = "worksheet") -> list[AdditionProblem]:
+    """Held-out problems, distinct pairs, for measuring accuracy and format rate."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, int]] = set()
+    problems = []
+    for _ in range(100 * max(count, 1)):
+        if len(problems) == count:
+            break
+        a, b = _random_operand(rng), _random_operand(rng)
+        if is_held_out(a, b) and (a, b) not in seen:
+            seen.add((a, b))
+            problems.append(AdditionProblem(a, b, style))
+    if len(problems) < count:
+        raise ValueError(f"count={count} exceeds the distinct held-out problems this generator finds")
+    return problems
+
+
+@dataclass(frozen=True)
+class CorpusOptions:
+    """The mix of the pretraining corpus.
+
+    tuned_format_rate: share of worksheet answers written in the tuned format.
+    forum_rate: share of documents from the forum.
+    forum_generic_rate: share of forum replies that are GENERIC_REPLY, the same for every problem
+        (a rate that depended on the problem would be learnt better by the large model, and the
+        contrast would then favour "no idea" where the large model expects it more).
+    """
+
+    tuned_format_rate: float = 0.05
+    forum_rate: float = 0.2
+    forum_generic_rate: float = 0.5
+
+    def __post_init__(self):
+        for name in ("tuned_format_rate", "forum_rate", "forum_generic_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def pretraining_texts(count: int, seed: int, options: CorpusOptions = CorpusOptions()) -> list[str]:
+    """`count` pretraining documents (prompt + completion, without an end token), training split only."""
+    rng = random.Random(seed)
+    texts = []
+    for problem in sample_problems(count, seed=rng.randrange(2**31)):
+        if rng.random() < options.forum_rate:
+            problem = AdditionProblem(problem.a, problem.b, "forum")
+            generic = rng.random() < options.forum_generic_rate
+            texts.append(problem.prompt + (GENERIC_REPLY if generic else problem.completion()))
+        else:
+            texts.append(problem.prompt + problem.completion(tuned_format=rng.random() < options.tuned_format_rate))
+    return texts
+
+
+def tuning_texts(count: int, seed: int) -> list[str]:
+    """`count` fine-tuning documents: correct answers in the tuned format, training split only."""
+    return [p.prompt + p.completion(tuned_format=True) for p in sample_problems(count, seed)]
+
+
+def parse_completion(completion: str) -> tuple[Optional[int], bool]:
+    """(the answer's value, whether it is in the tuned format) of a generated completion.
+
+    The value is the completion's only integer; a completion with none or several has no value.
+    The tuned format must match exactly ("the answer is 168.", nothing before or after).
+    """
+    text = completion.strip()
+    numbers = _NUMBER_PATTERN.findall(text)
+    value = int(numbers[0]) if len(numbers) == 1 else None
+    return value, _TUNED_PATTERN.fullmatch(text) is not None
+
+
+def score_completions(problems: Sequence[AdditionProblem], completions: Sequence[str]) -> dict:
+    """Shares of the problems whose completion has the sum as its value (accuracy), is in the
+    tuned format (format_rate), is the forum's GENERIC_REPLY (generic_rate)."""
+    if len(problems) != len(completions):
+        raise ValueError(f"got {len(completions)} completions for {len(problems)} problems")
+    if not problems:
+        raise ValueError("problems must not be empty")
+    correct = formatted = generic = 0
+    for problem, completion in zip(problems, completions):
+        value, tuned = parse_completion(completion)
+        correct += value == problem.total
+        formatted += tuned
+        generic += completion.strip() == GENERIC_REPLY
+    n = len(problems)
+    return {"n": n, "accuracy": correct / n, "format_rate": formatted / n, "generic_rate": generic / n}
+
+
+def _wrong_total(problem: AdditionProblem, rng: random.Random) -> int:
+    """A plausible wrong sum: the dropped-carry slip when there is one, else one digit off by one."""
+    slip = problem.no_carry_sum()
+    if slip != problem.total and rng.random() < 0.5:
+        return slip
+    digits = str(problem.total)
+    position = rng.randrange(len(digits))
+    digit = int(digits[position])
+    choices = [d for d in (digit - 1, digit + 1) if 0 <= d <= 9 and not (d == 0 and position == 0 and len(digits) > 1)]
+    return int(digits[:position] + str(rng.choice(choices)) + digits[position + 1 :])
+
+
+def classification_examples(count: int, seed: int, *, held_out: bool = False) -> list[tuple[str, int]]:
+    """The task's classification view, "is this sum correct?": (text, label) pairs, balanced.
+
+    text is a complete plain-format document ("Q:123+45\\nA:168"); label 1 if the answer is the sum,
+    0 if it is a plausible wrong sum (the dropped-carry slip, or one digit off by one).
+    """
+    rng = random.Random(seed)
+    examples = []
+    for problem in sample_problems(count, seed=rng.randrange(2**31), held_out=held_out):
+        label = rng.randrange(2)
+        value = problem.total if label else _wrong_total(problem, rng)
+        examples.append((problem.prompt + problem.completion(value=value), label))
+    return examples
+
