@@ -59,7 +59,7 @@ def test_corpus_is_deterministic_under_a_seed():
 
 def test_corpus_mix_follows_its_options():
     n = 8000
-    options = CorpusOptions(tuned_format_rate=0.1, forum_rate=0.3, forum_generic_rate=0.9)
+    options = CorpusOptions(tuned_format_rate=0.1, forum_rate=0.3, forum_slip_rate=0.7)
     texts = pretraining_texts(n, seed=0, options=options)
     forum = [t for t in texts if t.startswith("q:")]
     worksheet = [t for t in texts if t.startswith("Q:")]
@@ -68,15 +68,17 @@ def test_corpus_mix_follows_its_options():
     formatted = sum("the answer is" in t for t in worksheet)
     assert abs(formatted / len(worksheet) - 0.1) < binomial_slack(0.1, len(worksheet))
     assert not any("the answer is" in t for t in forum)
-    # Forum replies: the sum, or the generic reply at the same rate whatever the problem's length.
-    replies_by_digits = {}
+    # Forum replies: the sum, or (only where there is a carry to drop) the slip at the given rate.
+    slips = []
     for text in forum:
         question, answer = text.split("\nA:")
-        a, b = question[2:].split("+")
-        assert answer in (task.GENERIC_REPLY, str(int(a) + int(b)))
-        replies_by_digits.setdefault(len(a) + len(b), []).append(answer == task.GENERIC_REPLY)
-    for digits, generic in replies_by_digits.items():
-        assert abs(sum(generic) / len(generic) - 0.9) < binomial_slack(0.9, len(generic)) + 0.01, digits
+        problem = AdditionProblem(*(int(x) for x in question[2:].split("+")), style="forum")
+        if problem.no_carry_sum() == problem.total:
+            assert answer == str(problem.total)
+        else:
+            assert answer in (str(problem.total), str(problem.no_carry_sum()))
+            slips.append(answer == str(problem.no_carry_sum()))
+    assert abs(sum(slips) / len(slips) - 0.7) < binomial_slack(0.7, len(slips))
 
 
 def test_worksheet_answers_are_correct_and_formats_exact():
@@ -139,8 +141,10 @@ def test_parse_and_score_completions():
     assert parse_completion("the answer is 16 8.") == (None, False)
     assert parse_completion("") == (None, False)
     problems = [AdditionProblem(123, 45), AdditionProblem(5, 5), AdditionProblem(7, 0), AdditionProblem(1, 2)]
-    scores = score_completions(problems, ["the answer is 168.", "55", "7", " no idea"])
-    assert scores == {"n": 4, "accuracy": 0.5, "format_rate": 0.25, "generic_rate": 0.25}
+    # 5+5 has a carry (slip 0); 123+45, 7+0 and 1+2 have none.
+    scores = score_completions(problems, ["the answer is 168.", "0", "7", " no idea"])
+    assert scores == {"n": 4, "accuracy": 0.5, "format_rate": 0.25, "slip_rate": 1.0}
+    assert score_completions(problems[:1], ["168"])["slip_rate"] == 0.0
     with pytest.raises(ValueError, match="completions"):
         score_completions(problems, ["1"])
 
@@ -261,13 +265,12 @@ def test_proxy_tuning_gives_the_large_model_the_format(family):
     assert proxy["accuracy"] > alone["accuracy"]
 
 
-def test_contrastive_decoding_answers_where_greedy_says_no_idea(family):
+def test_contrastive_decoding_undoes_part_of_the_slip_greedy_copies(family):
     from collab_ops.hf import ContrastiveDecodingLogitsProcessor
 
     tokenizer, large, small = family["tokenizer"], family["large_base"], family["small_base"]
-    problems = evaluation_problems(HELD_OUT, style="forum")
+    problems = evaluation_problems(256, style="forum")  # ~150 with a carry: the slip rates move by 0.1+
     greedy = evaluate_addition(large, tokenizer, problems)
-    small_greedy = evaluate_addition(small, tokenizer, problems)
     cd = {
         beta: evaluate_addition(
             large,
@@ -277,11 +280,13 @@ def test_contrastive_decoding_answers_where_greedy_says_no_idea(family):
         )
         for beta in (None, 0.5)
     }
-    assert greedy["generic_rate"] >= 0.15
-    assert small_greedy["generic_rate"] > greedy["generic_rate"]
-    for row in cd.values():
-        assert row["generic_rate"] <= greedy["generic_rate"] / 3
-        assert row["accuracy"] >= greedy["accuracy"] + 0.1
+    # Greedy follows the corpus' majority and drops the carry on most problems that have one.
+    assert greedy["slip_rate"] >= 0.5
+    # Li et al.'s contrast removes a good part of it and answers at least as well; O'Brien & Lewis'
+    # weaker contrast (beta = 0.5 on raw logits) moves the same way.
+    assert cd[None]["slip_rate"] <= greedy["slip_rate"] - 0.1
+    assert cd[None]["accuracy"] >= greedy["accuracy"]
+    assert cd[0.5]["slip_rate"] <= greedy["slip_rate"]
 
 
 def test_greedy_agreement_is_the_draft_acceptance_rate(family):

@@ -111,8 +111,8 @@ def behaviour_transfer(family, problems, settings, progress) -> list[dict]:
 
 def contrastive_decoding(family, problems, settings, progress) -> list[dict]:
     """Contrastive decoding with the large model as expert and the small base as amateur, against
-    the expert's greedy and sampled outputs, on forum prompts, where both sizes learned the habit of
-    repeating the first number: accuracy and how often the answer is that copy."""
+    the expert's greedy and sampled outputs, on forum prompts, where most replies in the corpus drop
+    the carries: accuracy, and how often a problem with a carry gets that amateur slip."""
     from ..hf import ContrastiveDecodingLogitsProcessor
 
     tokenizer, large, small = family["tokenizer"], family["large_base"], family["small_base"]
@@ -401,7 +401,7 @@ TABLES = {
                             ("format_rate", "tuned format", PERCENT), ("example", "first completion", "{!r}")]),
     "contrastive_decoding": ("Contrastive decoding on forum prompts: expert = large base, amateur = small base",
                              [("method", "method", ""), ("accuracy", "accuracy", PERCENT),
-                              ("copy_rate", "answer repeats the first number", PERCENT)]),
+                              ("slip_rate", "carry dropped (of problems with a carry)", PERCENT)]),
     "speculative_decoding": ("Speculative decoding: small base drafts 4 tokens per round",
                              [("method", "target", ""), ("identical_to_target_greedy", "same as target greedy", PERCENT),
                               ("acceptance_rate", "drafts accepted", PERCENT), ("target_generate_s", "target alone s", "{:.2f}"),
@@ -429,7 +429,7 @@ def _save_figure(results: dict, path: Path) -> Optional[str]:
         return "matplotlib is not installed: no figure"
     panels = [
         ("behaviour_transfer", ["accuracy", "format_rate"], "proxy-tuning / EFT / dynamic fusion"),
-        ("contrastive_decoding", ["accuracy", "copy_rate"], "contrastive decoding (forum prompts)"),
+        ("contrastive_decoding", ["accuracy", "slip_rate"], "contrastive decoding (forum prompts)"),
         ("speculative_decoding", ["acceptance_rate", "speedup"], "speculative decoding"),
         ("distillation", ["accuracy", "heldout_answer_loss"], "distillation"),
         ("weak_to_strong", ["accuracy"], "weak-to-strong"),

@@ -6,12 +6,13 @@ A problem is `a + b` with operands of 1 to 3 digits. The pretraining corpus come
   tuned format ("the answer is 168."), the behaviour the small model is later fine-tuned for. The
   bases see it at a small rate, so they know it but rarely choose it, as real base models know a
   chat format they seldom produce unprompted;
-- a forum, asked "q:123+45\nA:", where half the replies are the generic "no idea", whatever the
-  problem. Both model sizes learn that rate equally well, since it needs no skill, while only
-  the large one learns to add well. That single reply then outweighs any one sum, so greedy
-  decoding answers "no idea": the generic-response failure of mode-seeking decoding that
-  contrastive decoding (expert − amateur) is meant to remove. Both sizes predict "no idea"
-  equally, so the contrast cancels it and keeps the sum that the expert knows better.
+- a forum, asked "q:123+45\nA:", where most replies to a problem with a carry are the amateur's
+  slip, the sum with every carry dropped (56+78 -> "24"), and the rest are right. The slip needs
+  no carrying, so both sizes learn to produce it, while only the large model learns the true sum
+  well. Greedy decoding of the large model follows the majority and answers with the slip: the
+  failure of mode-seeking decoding that contrastive decoding (expert − amateur) is meant to
+  remove. Where the answers part, the small model gives the slip as much weight as the large one
+  but the right digit far less, so log p_large − log p_small favours the right digit.
 
 A fixed share of the pairs (a, b) is held out: the training corpora never contain them, and the
 evaluation draws only from them. Every generator takes a seed and returns the same texts for the
@@ -26,7 +27,6 @@ from typing import Optional, Sequence
 
 PROMPT_TEMPLATES = {"worksheet": "Q:{a}+{b}\nA:", "forum": "q:{a}+{b}\nA:"}
 TUNED_TEMPLATE = "the answer is {total}."
-GENERIC_REPLY = "no idea"
 MAX_OPERAND_DIGITS = 3
 # Held-out pairs: about 1 in HELD_OUT_MODULUS, picked by a fixed arithmetic hash of (a, b).
 HELD_OUT_MODULUS = 16
@@ -118,17 +118,16 @@ class CorpusOptions:
 
     tuned_format_rate: share of worksheet answers written in the tuned format.
     forum_rate: share of documents from the forum.
-    forum_generic_rate: share of forum replies that are GENERIC_REPLY, the same for every problem
-        (a rate that depended on the problem would be learnt better by the large model, and the
-        contrast would then favour "no idea" where the large model expects it more).
+    forum_slip_rate: share of forum replies to a problem with a carry that give the slip
+        (`AdditionProblem.no_carry_sum`) instead of the sum; without a carry the two agree.
     """
 
     tuned_format_rate: float = 0.05
     forum_rate: float = 0.2
-    forum_generic_rate: float = 0.5
+    forum_slip_rate: float = 0.6
 
     def __post_init__(self):
-        for name in ("tuned_format_rate", "forum_rate", "forum_generic_rate"):
+        for name in ("tuned_format_rate", "forum_rate", "forum_slip_rate"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
@@ -141,8 +140,8 @@ def pretraining_texts(count: int, seed: int, options: CorpusOptions = CorpusOpti
     for problem in sample_problems(count, seed=rng.randrange(2**31)):
         if rng.random() < options.forum_rate:
             problem = AdditionProblem(problem.a, problem.b, "forum")
-            generic = rng.random() < options.forum_generic_rate
-            texts.append(problem.prompt + (GENERIC_REPLY if generic else problem.completion()))
+            slip = rng.random() < options.forum_slip_rate
+            texts.append(problem.prompt + problem.completion(value=problem.no_carry_sum() if slip else None))
         else:
             texts.append(problem.prompt + problem.completion(tuned_format=rng.random() < options.tuned_format_rate))
     return texts
@@ -167,19 +166,22 @@ def parse_completion(completion: str) -> tuple[Optional[int], bool]:
 
 def score_completions(problems: Sequence[AdditionProblem], completions: Sequence[str]) -> dict:
     """Shares of the problems whose completion has the sum as its value (accuracy), is in the
-    tuned format (format_rate), is the forum's GENERIC_REPLY (generic_rate)."""
+    tuned format (format_rate), and, among the problems with a carry, gives the dropped-carry
+    slip (slip_rate; 0 when no problem has a carry)."""
     if len(problems) != len(completions):
         raise ValueError(f"got {len(completions)} completions for {len(problems)} problems")
     if not problems:
         raise ValueError("problems must not be empty")
-    correct = formatted = generic = 0
+    correct = formatted = slips = carried = 0
     for problem, completion in zip(problems, completions):
         value, tuned = parse_completion(completion)
         correct += value == problem.total
         formatted += tuned
-        generic += completion.strip() == GENERIC_REPLY
+        if problem.no_carry_sum() != problem.total:
+            carried += 1
+            slips += value == problem.no_carry_sum()
     n = len(problems)
-    return {"n": n, "accuracy": correct / n, "format_rate": formatted / n, "generic_rate": generic / n}
+    return {"n": n, "accuracy": correct / n, "format_rate": formatted / n, "slip_rate": slips / max(carried, 1)}
 
 
 def _wrong_total(problem: AdditionProblem, rng: random.Random) -> int:
