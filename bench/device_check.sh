@@ -12,7 +12,7 @@
 # build (default "tests bench hf"; "hf" runs bench/hf_bench.py, the processors' per-step cost and the
 # DistillationTrainer step against a full-logits Trainer; "profile" runs bench/profile_gpu.py and, where Nsight Compute can
 # read the counters, ncu on the cases of bench/profile_gpu.py whose names contain NCU_CASES, default
-# "B=128").
+# "B=128"; "none" skips ncu).
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -100,7 +100,9 @@ wants() { [[ $STEPS == *" $1 "* ]]; }
 
 if wants profile; then
   run_step profile 150 "$BENCH_RESERVE_S" python3 bench/profile_gpu.py "$OUT/profile_gpu.json"
-  if command -v ncu > /dev/null; then
+  if [[ ${NCU_CASES:-B=128} == none ]]; then
+    :
+  elif command -v ncu > /dev/null; then
     run_step ncu 120 "$BENCH_RESERVE_S" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/profile_gpu.py --once "${NCU_CASES:-B=128}"
   else
