@@ -9,9 +9,10 @@
 # BENCH_RESERVE_S (default 150 s) for the benchmarks. A failed step does not stop the later ones;
 # the script exits non-zero when any step failed. BENCH_ARGS adds options to the benchmark run
 # (e.g. BENCH_ARGS="--no-compile" or "--only fusion"). DEVICE_CHECK_STEPS picks the steps after the
-# build (default "tests bench"; "profile" runs bench/profile_gpu.py and, where Nsight Compute can
+# build (default "tests bench hf"; "hf" runs bench/hf_bench.py, the processors' per-step cost and the
+# DistillationTrainer step against a full-logits Trainer; "profile" runs bench/profile_gpu.py and, where Nsight Compute can
 # read the counters, ncu on the cases of bench/profile_gpu.py whose names contain NCU_CASES, default
-# "B=128").
+# "B=128"; "none" skips ncu).
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -94,12 +95,14 @@ if ! python3 -c "import accelerate" 2> /dev/null; then
   fi
 fi
 
-STEPS=" ${DEVICE_CHECK_STEPS:-tests bench} "
+STEPS=" ${DEVICE_CHECK_STEPS:-tests bench hf} "
 wants() { [[ $STEPS == *" $1 "* ]]; }
 
 if wants profile; then
   run_step profile 150 "$BENCH_RESERVE_S" python3 bench/profile_gpu.py "$OUT/profile_gpu.json"
-  if command -v ncu > /dev/null; then
+  if [[ ${NCU_CASES:-B=128} == none ]]; then
+    :
+  elif command -v ncu > /dev/null; then
     run_step ncu 120 "$BENCH_RESERVE_S" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/profile_gpu.py --once "${NCU_CASES:-B=128}"
   else
@@ -115,6 +118,9 @@ if [[ ${DEVICE_CHECK_FULL_SUITE:-0} == 1 ]]; then
   run_step tests_all 240 "$BENCH_RESERVE_S" python3 -m pytest -q tests --ignore=tests/test_wheel.py
   tail -n 1 "$OUT/tests_all.log"
 fi
+
+wants hf && run_step hf_bench 240 "$BENCH_RESERVE_S" python3 bench/hf_bench.py "$OUT/hf_bench.json"
+wants hf && [[ -e $OUT/hf_bench.md ]] && cat "$OUT/hf_bench.md"
 
 # Only the peers' own wheels: anything else in .whl/ on PYTHONPATH could shadow this machine's
 # torch or the editable collab_ops.

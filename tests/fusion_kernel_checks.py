@@ -4,6 +4,7 @@ Each case builds fresh random inputs on a device; the kernel's answer is compare
 float64 reference under the tolerance rule of tests/tolerance.py.
 """
 import itertools
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -83,25 +84,73 @@ def dynamic_fusion_objectives(large, expert, base, grid):
     return torch.stack(columns, dim=-1)
 
 
+class DynamicFusionCase(NamedTuple):
+    batch: int
+    widths: list  # large, experts, base
+    dtype: torch.dtype
+    num_experts: int
+    grid: Optional[list]  # None: the default 0, 0.1, ..., 2.0
+    neg_inf: float = 0.0  # fraction of -inf entries in large and base
+    outliers: bool = False  # plant tokens whose a + alpha * d lie ~150 nats apart (see plant_outliers)
+
+
 def dynamic_fusion_cases():
-    """(batch, width per input, dtype, number of experts, grid, -inf fraction)."""
-    yield 3, [7, 7, 7], torch.float32, 1, None, 0.0
-    yield 2, [1, 1, 1], torch.float32, 1, [0.0, 0.5], 0.0
-    yield 5, [1000, 1003, 1000], torch.bfloat16, 2, None, 0.02
-    yield 4, [4099, 4099, 4099], torch.float16, 3, [-1.0, -0.25, 0.0, 0.3, 1.7, 2.5], 0.0
-    yield 2, [151936, 152064, 152064], torch.bfloat16, 1, None, 0.0
+    """Cases small enough for the CPU suite; tests/gpu adds dynamic_fusion_gpu_cases."""
+    yield DynamicFusionCase(3, [7, 7, 7], torch.float32, 1, None)
+    yield DynamicFusionCase(2, [1, 1, 1], torch.float32, 1, [0.0, 0.5])
+    yield DynamicFusionCase(5, [1000, 1003, 1000], torch.bfloat16, 2, None, neg_inf=0.02)
+    yield DynamicFusionCase(4, [4099, 4099, 4099], torch.float16, 3, [-1.0, -0.25, 0.0, 0.3, 1.7, 2.5])
+    yield DynamicFusionCase(2, [151936, 152064, 152064], torch.bfloat16, 1, None)
+    yield DynamicFusionCase(6, [2500, 2500, 2500], torch.float32, 2, [0.7])
+    yield DynamicFusionCase(6, [3001, 3001, 3001], torch.bfloat16, 1, [round(-1.0 + 0.1 * k, 1) for k in range(32)], neg_inf=0.01)
+    yield DynamicFusionCase(6, [2048, 2048, 2048], torch.float32, 2, [0.0, 0.5, 1.0, 2.0, -2.0], outliers=True)
+
+
+def dynamic_fusion_gpu_cases():
+    """The issue's benchmark shape and wider grids and expert counts at full vocabulary width."""
+    yield DynamicFusionCase(16, [152064, 152064, 152064], torch.bfloat16, 1, None)
+    yield DynamicFusionCase(6, [151936, 152064, 152064], torch.bfloat16, 4, [round(-1.0 + 0.1 * k, 1) for k in range(32)], neg_inf=0.001)
+    yield DynamicFusionCase(8, [152064, 152064, 152064], torch.float16, 1, [1.5])
+    yield DynamicFusionCase(8, [152064, 152064, 152064], torch.bfloat16, 2, None, outliers=True)
+
+
+def plant_outliers(large, experts, base):
+    """Columns where max a and max d sit on different tokens, ~150 nats apart: a reference for
+    a + alpha * d built from max a + alpha * max d would flush every term of the row to zero."""
+    def put(t, col, value):
+        t[:, col] = torch.tensor(value, dtype=t.dtype)
+
+    put(large, 0, 100.0)  # the top token of P ...
+    put(base, 0, 75.0)
+    put(large, 1, -50.0)  # ... and a token far below it whose d is the row's largest
+    put(base, 1, -75.0)
+    for expert in experts:
+        put(expert, 0, -75.0)  # d = -150 on the top token
+        put(expert, 1, 75.0)   # d = +150
+
+
+def set_special_rows(large, experts, base):
+    """Row 1 has a NaN (NaN weights); row 3 of large and row 4 of the first expert are all -inf."""
+    batch = large.shape[0]
+    if batch > 1:
+        base[1, 0] = float("nan")
+    if batch > 3:
+        large[3] = float("-inf")
+    if batch > 4:
+        experts[0][4] = float("-inf")
 
 
 def check_dynamic_fusion_case(backend, device, case, seed):
     from collab_ops.ops.fusion import dynamic_fusion_weights
 
-    batch, widths, dtype, num_experts, grid, neg_inf = case
+    batch, widths, dtype, num_experts, grid, neg_inf, outliers = case
     generator = torch.Generator().manual_seed(seed)
     large = random_logits(batch, widths[0], dtype, device, generator=generator, neg_inf_fraction=neg_inf)
     experts = [random_logits(batch, widths[1], dtype, device, generator=generator) for _ in range(num_experts)]
     base = random_logits(batch, widths[2], dtype, device, generator=generator, neg_inf_fraction=neg_inf)
-    if batch > 1:
-        base[1, 0] = float("nan")  # a poisoned row gives NaN weights
+    if outliers:
+        plant_outliers(large, experts, base)
+    set_special_rows(large, experts, base)
     result = dynamic_fusion_weights(large, experts, base, grid=grid, backend=backend)
     exact = dynamic_fusion_weights(large, experts, base, grid=grid, backend="reference")
     assert result.shape == (batch, num_experts) and result.dtype == torch.float32
@@ -114,7 +163,7 @@ def check_dynamic_fusion_case(backend, device, case, seed):
         for row in range(batch):
             if torch.isnan(exact[row, t]):
                 continue
-            chosen = candidates.index(round(result[row, t].item(), 6)) if candidates else None
+            chosen = candidates.index(round(result[row, t].item(), 6))
             best = objectives[row].min().item()
             # Near-ties may break differently in fp32: the chosen candidate must be as good as the best.
             assert objectives[row, chosen].item() <= best + 1e-4 * max(1.0, abs(best)), (row, t, result[row, t], exact[row, t])

@@ -213,10 +213,7 @@ def assert_every_step_follows_formula(recorder, models, score, prompt_mask):
 # --- the presets, each against its formula --------------------------------------------------
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_preset_greedy_matches_naive_loop_on_left_padded_batch(sharp_models, name):
-    preset = PRESETS[name]
-    main, aux = sharp_models[0], sharp_models[1 : 1 + preset.num_auxiliary]
+def assert_greedy_matches_naive_loop(preset, main, aux):
     ids, mask, _ = left_padded_prompts()
     recorder = Recorder(preset.build(aux, mask))
     generated = greedy_generate(main, recorder, ids, mask)
@@ -224,20 +221,18 @@ def test_preset_greedy_matches_naive_loop_on_left_padded_batch(sharp_models, nam
     assert torch.equal(generated, expected)
     # Greedy tokens alone miss errors that keep the argmax (a per-row offset, a slightly wrong α).
     assert_every_step_follows_formula(recorder, [main, *aux], preset.score, mask)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_greedy_matches_naive_loop_on_left_padded_batch(sharp_models, name):
+    preset = PRESETS[name]
+    assert_greedy_matches_naive_loop(preset, sharp_models[0], sharp_models[1 : 1 + preset.num_auxiliary])
 
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_with_padded_vocabulary_auxiliary_matches_naive_loop(sharp_models, wide_model, name):
     preset = PRESETS[name]
-    main = sharp_models[0]
-    aux = [wide_model, *sharp_models[2 : 1 + preset.num_auxiliary]]
-    ids, mask, _ = left_padded_prompts()
-    recorder = Recorder(preset.build(aux, mask))
-    generated = greedy_generate(main, recorder, ids, mask)
-    expected = naive_greedy([main, *aux], preset.score, ids, mask)
-    assert torch.equal(generated, expected)
-    # Greedy tokens alone miss errors that keep the argmax (a per-row offset, a slightly wrong α).
-    assert_every_step_follows_formula(recorder, [main, *aux], preset.score, mask)
+    assert_greedy_matches_naive_loop(preset, sharp_models[0], [wide_model, *sharp_models[2 : 1 + preset.num_auxiliary]])
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -1,10 +1,8 @@
-"""`pip wheel` builds collab_ops, and the wheel installs into a fresh virtual environment, loads,
-and runs `python -m collab_ops demo --quick` on the model family it ships.
+"""`pip wheel` builds collab_ops, and the wheel installs into a fresh virtual environment and loads.
 
 The fresh environment gets torch from the running interpreter's site-packages through a .pth
 line (torch is a dependency, not what is under test); collab_ops itself comes only from the wheel.
 """
-import json
 import os
 import subprocess
 import sys
@@ -16,26 +14,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def fresh_install(built_wheel, tmp_path_factory) -> Path:
-    """The python of a fresh venv that has collab_ops only from the wheel."""
-    env_dir = tmp_path_factory.mktemp("fresh")
-    venv.EnvBuilder(with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    torch_site = Path(torch.__file__).resolve().parent.parent
-    Path(site, "torch_from_host.pth").write_text(f"{torch_site}\n")
-    install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target", site, str(built_wheel)],
-        capture_output=True, text=True,
-    )
-    assert install.returncode == 0, install.stdout + install.stderr
-    return python
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +31,23 @@ def built_wheel(tmp_path_factory) -> Path:
     return wheels[0]
 
 
-def test_wheel_installs_into_a_fresh_venv_and_runs_a_kernel(fresh_install, tmp_path):
-    env_dir = fresh_install.parent.parent
+def test_wheel_installs_into_a_fresh_venv_and_runs_a_kernel(built_wheel, tmp_path):
+    env_dir = tmp_path / "fresh"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    torch_site = Path(torch.__file__).resolve().parent.parent
+    Path(site, "torch_from_host.pth").write_text(f"{torch_site}\n")
+
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target", site, str(built_wheel)],
+        capture_output=True, text=True,
+    )
+    assert install.returncode == 0, install.stdout + install.stderr
+
     check = textwrap.dedent(
         f"""
         import warnings
@@ -67,21 +60,6 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_a_kernel(fresh_install, tmp_p
         print("wheel ok")
         """
     )
-    run = subprocess.run([str(fresh_install), "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    run = subprocess.run([str(python), "-c", check], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "wheel ok" in run.stdout
-
-
-def test_the_installed_wheel_runs_the_quick_demo_on_its_shipped_models(fresh_install, tmp_path):
-    out = tmp_path / "demo"
-    run = subprocess.run(
-        [str(fresh_install), "-m", "collab_ops", "demo", "--quick", "--device", "cpu", "--out", str(out)],
-        capture_output=True, text=True, cwd=tmp_path, timeout=900,
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    results = json.loads((out / "demo.json").read_text())
-    for section in ("behaviour_transfer", "contrastive_decoding", "speculative_decoding", "distillation",
-                    "weak_to_strong", "kernels"):
-        assert results[section], section
-    # The shipped weights are the package's, not the source tree's: the demo loaded them from the venv.
-    assert "demo done" in run.stdout

@@ -69,7 +69,11 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
         self.device = devices[0]
         self._auxiliary = [_AuxiliaryModelState(m) for m in models]
         self._prompt_mask = attention_mask
-        self._attention_mask: Optional[torch.Tensor] = None
+        # The mask of every step is a view of one buffer: the prompt's mask, then ones for the tokens
+        # to come (grown by doubling), so a step costs no kernel for it.
+        self._mask_buffer: Optional[torch.Tensor] = None
+        self._length = 0  # columns of _mask_buffer seen by the auxiliary models
+        self._positions: Optional[torch.Tensor] = None  # [B, 1] position id of the last token seen
         self._seen_ids: Optional[torch.Tensor] = None  # input_ids of the previous call
 
     def _step_inputs(self, input_ids: torch.LongTensor):
@@ -77,7 +81,7 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
         if input_ids.device != self.device:
             raise ValueError(f"input_ids are on {input_ids.device} but the auxiliary models on {self.device}")
         batch, length = input_ids.shape
-        if self._attention_mask is None:
+        if self._mask_buffer is None:
             mask = self._prompt_mask
             if mask is None:
                 mask = torch.ones_like(input_ids)
@@ -88,37 +92,40 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
                     "pass attention_mask.repeat_interleave(n, dim=0)"
                 )
             mask = mask.to(device=self.device, dtype=torch.long)
+            self._mask_buffer = torch.cat([mask, mask.new_ones(batch, max(length, 64))], dim=-1)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            new_ids = input_ids
-        else:
-            mask = self._attention_mask
-            if batch != mask.shape[0]:
-                raise ValueError(
-                    f"the batch changed from {mask.shape[0]} to {batch} rows between steps; beam search "
-                    "is not supported (the auxiliary caches are not reordered)"
-                )
-            if length != self._seen_ids.shape[1] + 1:
-                raise ValueError(
-                    f"expected {self._seen_ids.shape[1] + 1} tokens (one new one) but got {length}; "
-                    "use a fresh processor for each generate call"
-                )
-            # Beam search reorders rows between steps, which the auxiliary caches cannot follow:
-            # refuse rather than fuse with another row's cache (one host synchronisation per step).
-            if not torch.equal(input_ids[:, :-1], self._seen_ids):
-                raise ValueError(
-                    "the rows of input_ids were reordered or changed between steps (beam search?); "
-                    "beam search is not supported (the auxiliary caches are not reordered)"
-                )
-            mask = torch.cat([mask, mask.new_ones(batch, 1)], dim=-1)
-            position_ids = mask.sum(-1, keepdim=True) - 1
-            new_ids = input_ids[:, -1:]
-        return new_ids, mask, position_ids
+            self._positions = position_ids[:, -1:]
+            self._length = length
+            return input_ids, mask, position_ids
+        if batch != self._mask_buffer.shape[0]:
+            raise ValueError(
+                f"the batch changed from {self._mask_buffer.shape[0]} to {batch} rows between steps; beam search "
+                "is not supported (the auxiliary caches are not reordered)"
+            )
+        if length != self._length + 1:
+            raise ValueError(
+                f"expected {self._length + 1} tokens (one new one) but got {length}; "
+                "use a fresh processor for each generate call"
+            )
+        # Beam search reorders rows between steps, which the auxiliary caches cannot follow:
+        # refuse rather than fuse with another row's cache (one host synchronisation per step).
+        if not torch.equal(input_ids[:, :-1], self._seen_ids):
+            raise ValueError(
+                "the rows of input_ids were reordered or changed between steps (beam search?); "
+                "beam search is not supported (the auxiliary caches are not reordered)"
+            )
+        if length > self._mask_buffer.shape[1]:
+            self._mask_buffer = torch.cat([self._mask_buffer, torch.ones_like(self._mask_buffer)], dim=-1)
+        self._length = length
+        # The new token is attended (generate keeps feeding finished rows, unmasked), so its
+        # position is the previous one plus one, as mask.sum(-1) - 1 would give.
+        self._positions = self._positions + 1
+        return input_ids[:, -1:], self._mask_buffer[:, :length], self._positions
 
     def _auxiliary_logits(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
         """Each auxiliary model's next-token logits `[B, V_k]` after `input_ids`, in model order."""
         new_ids, mask, position_ids = self._step_inputs(input_ids)
         logits = [aux.next_token_logits(new_ids, mask, position_ids) for aux in self._auxiliary]
-        self._attention_mask = mask
         self._seen_ids = input_ids
         return logits
 

@@ -1,6 +1,7 @@
-// CPU kernel of dynamic_fusion_weights: one (row, expert) task at a time, in column tiles. Every
-// state (the three models' and each grid candidate's) is updated per tile in vectorisable sweeps
-// (max, then sums). Torch-free.
+// CPU kernel of dynamic_fusion_weights: one (row, expert) task at a time, in column tiles. Each
+// tile's columns are prepared once (common/dynamic_fusion.h, FusionColumn), then every slot (the
+// three models' and each grid candidate's) takes two vectorisable sweeps over the tile: its exact
+// maximum, then the sums relative to it. Torch-free.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -17,48 +18,44 @@ inline void load_rows_tile(const LogitRows& rows, int64_t row, int64_t col, int6
   load_scaled_tile(rows.data, rows.kind, row * rows.row_stride + col, count, 1.f, dst);
 }
 
-// State of the values x[i] (with x = -inf for excluded entries) weighted by y[i], for one tile.
-inline WeightedLse tile_weighted_lse(const float* x, const float* y, int64_t count) {
-  float tile_max = -INFINITY;
-  for (int64_t i = 0; i < count; ++i) tile_max = std::max(tile_max, x[i]);
-  if (tile_max == -INFINITY) return weighted_lse_init();
+// One slot's state over a tile: values[i] the slot's source column value, diff[i] the weight d'.
+inline WeightedLse tile_slot_state(const float* values, const float* diff, float alpha, int64_t count) {
+  float max2 = -INFINITY;
+  for (int64_t i = 0; i < count; ++i) max2 = std::max(max2, fusion_exponent(alpha, diff[i], values[i]));
+  if (max2 == -INFINITY) return weighted_lse_init();
   float sum = 0.f, weighted = 0.f;
   for (int64_t i = 0; i < count; ++i) {
-    const float p = vector_exp(x[i] - tile_max);
+    const float p = fusion_exp2(fusion_exponent(alpha, diff[i], values[i]) - max2);
     sum += p;
-    weighted += p * y[i];
+    weighted += p * diff[i];
   }
-  return WeightedLse{tile_max, sum, weighted};
+  return weighted_lse_from_log2(max2, sum, weighted);
 }
 
 inline float dynamic_fusion_weight(const DynamicFusionParams& p, int64_t row, int expert) {
   DynamicFusionState state;
   dynamic_fusion_state_init(state, p.grid_size);
-  float a[kFusionTile], e[kFusionTile], b[kFusionTile], d[kFusionTile], fused[kFusionTile];
-  bool kept[kFusionTile];
+  float a[kFusionTile], e[kFusionTile], b[kFusionTile];
+  // Structure of arrays of the tile's FusionColumns, so that the slot sweeps vectorise.
+  float sources[kFusionModelSlots][kFusionTile], diff[kFusionTile];
   for (int64_t col = 0; col < p.vocab; col += kFusionTile) {
     const int64_t count = std::min(kFusionTile, p.vocab - col);
     load_rows_tile(p.large, row, col, count, a);
     load_rows_tile(p.experts[expert], row, col, count, e);
     load_rows_tile(p.base, row, col, count, b);
+    uint32_t flags = 0u;
     for (int64_t i = 0; i < count; ++i) {
-      const bool a_in = a[i] != -INFINITY, e_in = e[i] != -INFINITY, b_in = b[i] != -INFINITY;
-      state.saw_nan |= std::isnan(a[i]) || std::isnan(e[i]) || std::isnan(b[i]);
-      state.large_mass_excluded |= a_in && !(e_in && b_in);
-      state.expert_mass_outside_base |= e_in && !b_in;
-      state.base_mass_outside_expert |= b_in && !e_in;
-      kept[i] = a_in && e_in && b_in;
-      d[i] = e_in && b_in ? e[i] - b[i] : 0.f;
+      FusionColumn column;
+      flags |= dynamic_fusion_column(a[i], e[i], b[i], column);
+      sources[0][i] = column.large;
+      sources[1][i] = column.expert;
+      sources[2][i] = column.base;
+      diff[i] = column.diff;
     }
-    // The same sweep for the models and the candidates, so that alpha * d == 0 gives exactly P's
-    // state (the exact ties of an expert equal to the base then resolve like the reference's).
-    state.large = weighted_lse_merge(state.large, tile_weighted_lse(a, d, count));
-    state.expert = weighted_lse_merge(state.expert, tile_weighted_lse(e, d, count));
-    state.base = weighted_lse_merge(state.base, tile_weighted_lse(b, d, count));
-    for (int g = 0; g < p.grid_size; ++g) {
-      const float alpha = p.grid[g];
-      for (int64_t i = 0; i < count; ++i) fused[i] = kept[i] ? a[i] + alpha * d[i] : -INFINITY;
-      state.fused[g] = weighted_lse_merge(state.fused[g], tile_weighted_lse(fused, d, count));
+    state.flags |= flags;
+    for (int slot = 0; slot < dynamic_fusion_slots(p.grid_size); ++slot) {
+      const FusionSlot s = dynamic_fusion_slot(p.grid, slot);
+      state.slots[slot] = weighted_lse_merge(state.slots[slot], tile_slot_state(sources[s.source], diff, s.alpha, count));
     }
   }
   return dynamic_fusion_select(state, p.grid, p.grid_size);

@@ -1,10 +1,24 @@
-// CUDA kernels of dynamic_fusion_weights. Torch-free; the launcher is in dynamic_fusion.cu.
+// CUDA kernel of dynamic_fusion_weights. Torch-free; the launcher is in dynamic_fusion.cu.
 //
-// Every (row, expert) task's row is split into chunks of kDynamicChunk columns, one block each, so
-// a small batch still fills the GPU; each thread keeps the whole DynamicFusionState (all grid
-// candidates) in registers. partial_kernel writes one merged state per chunk; select_kernel
-// merges a task's chunks slot by slot and picks the candidate.
+// Each (row, expert) task's row is split into chunks of kDynamicChunk columns, one block each, so
+// that a small batch still fills the GPU (block = task * chunks + chunk). A block
+//   1. reads its chunk of the three rows once (8- or 16-byte loads of 4 adjacent columns) and
+//      stores the prepared FusionColumns in shared memory as (value, d) pairs per source;
+//   2. splits the work by slot *and* column: thread t is (slot t % S, copy t / S) with S = 3 + grid
+//      slots and floor(256 / S) copies, copy c taking the chunk's shared-memory positions c,
+//      c + copies, ... (for 21 candidates, 240 of the 256 threads work). A thread sweeps its
+//      positions twice, for its slot's exact maximum and then the sums relative to it
+//      (common/dynamic_fusion.h): per column and slot one broadcast-friendly shared load, an FMA
+//      and a max, then a load, an FMA, a subtraction, one ex2 and two adds, with no branch and no
+//      rescaling; only 3 state registers per thread;
+//   3. merges the copies of each slot (one warp per slot, warp shuffles) into the chunk's partial;
+//   4. the last block of the task to finish (an arrival counter zeroed by the launcher) merges the
+//      task's chunk partials the same way and selects the candidate.
+// Every merge runs in a fixed order, so the result does not depend on which block comes last, and
+// slots with identical inputs (expert == base, alpha = 0) stay bit-identical.
 #pragma once
+#include <cstdint>
+
 #include "common/dynamic_fusion.h"
 
 namespace collab_ops {
@@ -12,8 +26,15 @@ namespace cuda {
 
 constexpr int kDynamicThreads = 256;
 constexpr int kDynamicWarps = kDynamicThreads / 32;
-constexpr int kDynamicColumnsPerThread = 8;
+constexpr int kDynamicColumnsPerThread = 4;
 constexpr int64_t kDynamicChunk = static_cast<int64_t>(kDynamicThreads) * kDynamicColumnsPerThread;
+
+struct DynamicFusionLayout {
+  WeightedLse* partials;  // [tasks, chunks, slots]
+  uint32_t* chunk_flags;  // [tasks, chunks] DynamicFusionFlag bits
+  uint32_t* arrived;      // [tasks] chunks done; zeroed by the launcher, reset by the folding block
+  int64_t chunks;
+};
 
 __device__ __forceinline__ WeightedLse warp_merge_weighted_lse(WeightedLse s) {
 #pragma unroll
@@ -25,94 +46,154 @@ __device__ __forceinline__ WeightedLse warp_merge_weighted_lse(WeightedLse s) {
   return s;
 }
 
-__global__ void __launch_bounds__(kDynamicThreads)
-    dynamic_fusion_partial_kernel(DynamicFusionParams p, int64_t num_chunks, DynamicFusionState* partials) {
-  const int64_t chunk = blockIdx.x % num_chunks, task = blockIdx.x / num_chunks;
-  const int64_t row = task / p.num_experts;
-  const int expert = static_cast<int>(task % p.num_experts);
-  __shared__ float grid[kMaxFusionGrid];
-  if (threadIdx.x < p.grid_size) grid[threadIdx.x] = p.grid[threadIdx.x];
-  __syncthreads();
-
-  // Issue every load of the thread before the dependent state updates.
-  float a[kDynamicColumnsPerThread], e[kDynamicColumnsPerThread], b[kDynamicColumnsPerThread];
-  const int64_t begin = chunk * kDynamicChunk;
+// Columns col .. col + 3 of one row, -inf past `count`: one 16-byte (fp32) or 8-byte (16-bit)
+// load where the four are in bounds and aligned, element loads otherwise.
+__device__ __forceinline__ void load_four_logits(const LogitRows& rows, int64_t row, int64_t col, int count,
+                                                 float (&x)[4]) {
+  const int64_t index = row * rows.row_stride + col;
+  if (rows.kind == ScalarKind::kFloat32) {
+    const float* data = static_cast<const float*>(rows.data) + index;
+    if (count == 4 && reinterpret_cast<uintptr_t>(data) % 16 == 0) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(data));
+      x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+      return;
+    }
+  } else {
+    const uint16_t* data = static_cast<const uint16_t*>(rows.data) + index;
+    if (count == 4 && reinterpret_cast<uintptr_t>(data) % 8 == 0) {
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(data));
+      const uint16_t h[4] = {static_cast<uint16_t>(v.x), static_cast<uint16_t>(v.x >> 16), static_cast<uint16_t>(v.y),
+                             static_cast<uint16_t>(v.y >> 16)};
 #pragma unroll
-  for (int i = 0; i < kDynamicColumnsPerThread; ++i) {
-    const int64_t col = begin + i * kDynamicThreads + threadIdx.x;
-    const bool inside = col < p.vocab;
-    a[i] = inside ? load_logit(p.large, row, col) : -INFINITY;
-    e[i] = inside ? load_logit(p.experts[expert], row, col) : -INFINITY;
-    b[i] = inside ? load_logit(p.base, row, col) : -INFINITY;
-  }
-  DynamicFusionState state;
-  dynamic_fusion_state_init(state, kMaxFusionGrid);
-#pragma unroll
-  for (int i = 0; i < kDynamicColumnsPerThread; ++i) dynamic_fusion_add(state, grid, p.grid_size, a[i], e[i], b[i]);
-
-  __shared__ WeightedLse warp_states[kDynamicWarps][kFusionStateSlots];
-  __shared__ int flags[4];
-  if (threadIdx.x < 4) flags[threadIdx.x] = 0;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-  for (int slot = 0; slot < kFusionStateSlots; ++slot) {
-    if (slot < 3 + p.grid_size) {  // uniform across the block: every lane joins the shuffles
-      const WeightedLse merged = warp_merge_weighted_lse(state_slot(state, slot));
-      if (lane == 0) warp_states[warp][slot] = merged;
+      for (int i = 0; i < 4; ++i) x[i] = rows.kind == ScalarKind::kBFloat16 ? bfloat16_to_float(h[i]) : float16_to_float(h[i]);
+      return;
     }
   }
-  __syncthreads();
-  if (state.large_mass_excluded) atomicOr(&flags[0], 1);
-  if (state.expert_mass_outside_base) atomicOr(&flags[1], 1);
-  if (state.base_mass_outside_expert) atomicOr(&flags[2], 1);
-  if (state.saw_nan) atomicOr(&flags[3], 1);
-  __syncthreads();
-
-  DynamicFusionState& out = partials[task * num_chunks + chunk];
-  for (int slot = threadIdx.x; slot < 3 + p.grid_size; slot += kDynamicThreads) {
-    WeightedLse merged = warp_states[0][slot];
-    for (int w = 1; w < kDynamicWarps; ++w) merged = weighted_lse_merge(merged, warp_states[w][slot]);
-    state_slot(out, slot) = merged;
-  }
-  if (threadIdx.x == 0) {
-    out.large_mass_excluded = flags[0];
-    out.expert_mass_outside_base = flags[1];
-    out.base_mass_outside_expert = flags[2];
-    out.saw_nan = flags[3];
-  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) x[i] = i < count ? load_as_float(rows.data, rows.kind, index + i) : -INFINITY;
 }
 
-constexpr int kSelectThreads = 64;  // >= kFusionStateSlots: one thread per state slot
+// Reads a partial another block wrote, past this SM's L1.
+__device__ __forceinline__ WeightedLse load_partial(const WeightedLse* part) {
+  return WeightedLse{__ldcg(&part->max), __ldcg(&part->sum), __ldcg(&part->weighted)};
+}
 
-__global__ void __launch_bounds__(kSelectThreads)
-    dynamic_fusion_select_kernel(DynamicFusionParams p, int64_t num_chunks, const DynamicFusionState* partials) {
-  const int64_t task = blockIdx.x;
-  __shared__ DynamicFusionState merged;
+__global__ void __launch_bounds__(kDynamicThreads)
+    dynamic_fusion_chunk_kernel(DynamicFusionParams p, DynamicFusionLayout layout) {
+  const int64_t task = blockIdx.x / layout.chunks, chunk = blockIdx.x % layout.chunks;
+  const int64_t row = task / p.num_experts;
+  const int expert = static_cast<int>(task % p.num_experts);
+  const int slots = dynamic_fusion_slots(p.grid_size);
+  // (source value, d) per column and source: a thread's slot reads one 8-byte pair per column,
+  // and the sources of a column are adjacent, so a warp's loads hit distinct banks or broadcast.
+  __shared__ float2 pairs[kDynamicChunk][kFusionModelSlots];
   __shared__ float grid[kMaxFusionGrid];
-  const DynamicFusionState* chunks = partials + task * num_chunks;
-  const int slot = threadIdx.x;
-  if (slot < p.grid_size) grid[slot] = p.grid[slot];
-  if (slot < 3 + p.grid_size) {
-    WeightedLse state = weighted_lse_init();
-    for (int64_t c = 0; c < num_chunks; ++c)
-      state = weighted_lse_merge(state, state_slot(const_cast<DynamicFusionState&>(chunks[c]), slot));
-    state_slot(merged, slot) = state;
+  __shared__ union {
+    WeightedLse copies[kDynamicThreads];  // [copy * slots + slot]
+    DynamicFusionState task_state;
+  } merge;
+  __shared__ uint32_t block_flags;
+  __shared__ bool folds_the_task;
+  if (threadIdx.x < p.grid_size) grid[threadIdx.x] = p.grid[threadIdx.x];
+  if (threadIdx.x == 0) block_flags = 0u;
+
+  // 1. Read and prepare the chunk's columns. Thread t reads columns 4t .. 4t + 3 and stores
+  // column 4t + i at position i * 256 + t, so that a warp's stores are conflict-free; every slot
+  // visits the positions in the same order, so the permutation changes nothing but the speed.
+  const int64_t begin = chunk * kDynamicChunk;
+  const int columns = static_cast<int>(min(kDynamicChunk, p.vocab - begin));
+  const int first = kDynamicColumnsPerThread * threadIdx.x;
+  const int count = max(0, min(kDynamicColumnsPerThread, columns - first));
+  float a[4], e[4], b[4];
+  load_four_logits(p.large, row, begin + first, count, a);
+  load_four_logits(p.experts[expert], row, begin + first, count, e);
+  load_four_logits(p.base, row, begin + first, count, b);
+  uint32_t flags = 0u;
+#pragma unroll
+  for (int i = 0; i < kDynamicColumnsPerThread; ++i) {
+    FusionColumn column;
+    flags |= dynamic_fusion_column(a[i], e[i], b[i], column);  // -inf past the row: no flag, no mass
+    float2* position = pairs[i * kDynamicThreads + threadIdx.x];
+    position[0] = make_float2(column.large, column.diff);
+    position[1] = make_float2(column.expert, column.diff);
+    position[2] = make_float2(column.base, column.diff);
   }
-  if (slot == 0) {
-    bool large_mass_excluded = false, expert_outside = false, base_outside = false, saw_nan = false;
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      large_mass_excluded |= chunks[c].large_mass_excluded;
-      expert_outside |= chunks[c].expert_mass_outside_base;
-      base_outside |= chunks[c].base_mass_outside_expert;
-      saw_nan |= chunks[c].saw_nan;
+  __syncthreads();  // block_flags is initialised
+  if (flags != 0u) atomicOr(&block_flags, flags);
+
+  // 2. Thread = (slot, copy): two sweeps over the copy's positions (all of them: past the row they
+  // hold -inf, which adds nothing).
+  const int copies = kDynamicThreads / slots;
+  const int slot = threadIdx.x % slots, copy = threadIdx.x / slots;
+  __syncthreads();  // the columns are in shared memory
+  WeightedLse mine = weighted_lse_init();
+  if (copy < copies) {
+    const FusionSlot s = dynamic_fusion_slot(grid, slot);
+    // A trip count known before the loop lets it unroll without a bound check per position.
+    const int visits = (static_cast<int>(kDynamicChunk) - copy + copies - 1) / copies;
+    const float2* visited = &pairs[copy][s.source];
+    const int stride = copies * kFusionModelSlots;
+    float max2 = -INFINITY;
+#pragma unroll 4
+    for (int k = 0; k < visits; ++k) {
+      const float2 v = visited[k * stride];
+      max2 = fmaxf(max2, fusion_exponent(s.alpha, v.y, v.x));
     }
-    merged.large_mass_excluded = large_mass_excluded;
-    merged.expert_mass_outside_base = expert_outside;
-    merged.base_mass_outside_expert = base_outside;
-    merged.saw_nan = saw_nan;
+    if (max2 != -INFINITY) {
+      float sum = 0.f, weighted = 0.f;
+#pragma unroll 4
+      for (int k = 0; k < visits; ++k) {
+        const float2 v = visited[k * stride];
+        const float term = fusion_exp2(fusion_exponent(s.alpha, v.y, v.x) - max2);
+        sum += term;
+        weighted = fmaf(term, v.y, weighted);
+      }
+      mine = weighted_lse_from_log2(max2, sum, weighted);
+    }
+  }
+  if (copy < copies) merge.copies[copy * slots + slot] = mine;
+  __syncthreads();
+
+  // 3. The chunk's partial: warp w merges the copies of slots w, w + 8, ...
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  WeightedLse* chunk_partial = layout.partials + static_cast<int64_t>(blockIdx.x) * slots;
+  for (int s = warp; s < slots; s += kDynamicWarps) {
+    WeightedLse merged = weighted_lse_init();
+    for (int c = lane; c < copies; c += 32) merged = weighted_lse_merge(merged, merge.copies[c * slots + s]);
+    merged = warp_merge_weighted_lse(merged);
+    if (lane == 0) {
+      chunk_partial[s] = merged;
+      __threadfence();  // the partial is visible before the arrival is counted
+    }
+  }
+  if (threadIdx.x == 0) {
+    layout.chunk_flags[blockIdx.x] = block_flags;
+    __threadfence();
   }
   __syncthreads();
-  if (slot == 0) p.out[task] = dynamic_fusion_select(merged, grid, p.grid_size);
+  if (threadIdx.x == 0) folds_the_task = atomicAdd(&layout.arrived[task], 1u) == layout.chunks - 1;
+  __syncthreads();
+  if (!folds_the_task) return;
+
+  // 4. The task's last block: merge every chunk's partial and select.
+  __threadfence();
+  const WeightedLse* task_partials = layout.partials + task * layout.chunks * slots;
+  for (int s = warp; s < slots; s += kDynamicWarps) {
+    WeightedLse merged = weighted_lse_init();
+    for (int64_t c = lane; c < layout.chunks; c += 32) merged = weighted_lse_merge(merged, load_partial(task_partials + c * slots + s));
+    merged = warp_merge_weighted_lse(merged);
+    if (lane == 0) merge.task_state.slots[s] = merged;
+  }
+  uint32_t task_flags = 0u;
+  for (int64_t c = threadIdx.x; c < layout.chunks; c += kDynamicThreads)
+    task_flags |= __ldcg(&layout.chunk_flags[task * layout.chunks + c]);
+  if (task_flags != 0u) atomicOr(&block_flags, task_flags);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    merge.task_state.flags = block_flags;
+    p.out[task] = dynamic_fusion_select(merge.task_state, grid, p.grid_size);
+    layout.arrived[task] = 0u;  // a later launch on the same workspace counts from zero
+  }
 }
 
 }  // namespace cuda

@@ -20,7 +20,9 @@ namespace collab_ops {
 namespace cuda {
 
 constexpr int kSampleThreads = 256;
-// Each thread takes 4 adjacent columns per sweep, one Philox draw.
+// Each thread takes 4 adjacent columns per sweep, one Philox draw. Loops over a thread's columns
+// run over all 4 lanes with a `lane < count` predicate: a runtime trip count would put the
+// per-lane arrays in local memory (ptxas: a 64-byte stack frame and spills).
 constexpr int64_t kColumnsPerSweep = 4 * kSampleThreads;
 
 struct ChunkPartial {
@@ -104,7 +106,8 @@ __device__ __forceinline__ void sampling_scores(const FusionParams& p, const Mod
     if (w == 0.f) continue;
     float z[4];
     load_four(models[k], col, count, z);
-    for (int lane = 0; lane < count; ++lane) {
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) if (lane < count) {
       // log_softmax of a row holding +inf is NaN/-inf everywhere: no token.
       undefined |= (z[lane] != z[lane]) || (p.normalize && z[lane] == INFINITY);
       score[lane] = add_weighted(score[lane], w, z[lane]);
@@ -113,11 +116,13 @@ __device__ __forceinline__ void sampling_scores(const FusionParams& p, const Mod
   if (p.use_plausibility) {
     float ref[4];
     load_four(models[p.plausibility_ref], col, count, ref);
-    for (int lane = 0; lane < count; ++lane) {
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) if (lane < count) {
       if (ref[lane] < plausibility_cut) score[lane] = -INFINITY;
     }
   }
-  for (int lane = 0; lane < count; ++lane) undefined |= is_undefined_score(score[lane]);
+#pragma unroll
+  for (int lane = 0; lane < 4; ++lane) if (lane < count) undefined |= is_undefined_score(score[lane]);
 }
 
 // Reads a partial another block wrote, past this SM's L1.
@@ -163,19 +168,23 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
       float x[4];
       if (kPass == ChunkPass::kReferenceMax) {
         load_four(models[p.plausibility_ref], first, count, x);
-        for (int lane = 0; lane < count; ++lane) undefined |= x[lane] != x[lane];
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) if (lane < count) undefined |= x[lane] != x[lane];
       } else if (kPass == ChunkPass::kSampleWorkspace) {
         for (int lane = 0; lane < 4; ++lane) x[lane] = lane < count ? scores_row[first + lane] : -INFINITY;
       } else {
         sampling_scores(p, models, state.plausibility_cut, first, count, x, undefined);
-        for (int lane = 0; lane < count; ++lane) {
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) if (lane < count) {
           x[lane] *= scale;
           if (kPass == ChunkPass::kStats && scores_row != nullptr) scores_row[first + lane] = x[lane];
         }
       }
-      for (int lane = 0; lane < count; ++lane) local_max = fmaxf(local_max, x[lane]);
+#pragma unroll
+      for (int lane = 0; lane < 4; ++lane) if (lane < count) local_max = fmaxf(local_max, x[lane]);
       if (kSample && s.greedy) {
-        for (int lane = 0; lane < count; ++lane) {
+#pragma unroll
+        for (int lane = 0; lane < 4; ++lane) if (lane < count) {
           if (x[lane] != -INFINITY) best = better_candidate(best, Candidate{x[lane], first + lane});
         }
       } else if (draw) {
