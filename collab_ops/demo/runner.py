@@ -232,16 +232,22 @@ def _heldout_loss(model, tokenizer, problems, settings) -> float:
     return total / count
 
 
+# Share of the distillation set's answers that are wrong (plausible slips, each problem its own):
+# annotation noise that training on labels learns and a teacher that adds well does not pass on.
+LABEL_NOISE = 0.5
+
+
 def distillation(family, problems, settings, progress) -> list[dict]:
-    """The small base trained on for a few hundred more steps of the pretraining corpus: on labels
-    alone (plain `Trainer`), and by `DistillationTrainer` from the large base (forward KL to the
-    teacher's distribution, Hinton et al.'s soft targets). Held-out accuracy and answer cross-entropy."""
+    """The small base trained for a few hundred more steps on a labelled set with annotation noise
+    (half the answers a plausible wrong sum): on the labels alone (plain `Trainer`), and by
+    `DistillationTrainer` from the large base (forward KL to the teacher's next-token distribution,
+    Hinton et al.'s soft targets, no labels). Held-out accuracy and cross-entropy of the correct answers."""
     from transformers import Trainer, TrainingArguments
 
     from ..hf import DistillationTrainer
 
     tokenizer, teacher = family["tokenizer"], family["large_base"]
-    texts = task.pretraining_texts(settings.distill_steps * 32, seed=2024)
+    texts = task.noisy_label_texts(settings.distill_steps * 32, seed=2024, noise_rate=LABEL_NOISE)
     rows = []
     for name in ("labels only (Trainer)", "distilled from the large base (DistillationTrainer)"):
         progress.say(f"distillation: {name}, {settings.distill_steps} steps")

@@ -196,6 +196,19 @@ def _wrong_total(problem: AdditionProblem, rng: random.Random) -> int:
     return int(digits[:position] + str(rng.choice(choices)) + digits[position + 1 :])
 
 
+def noisy_label_texts(count: int, seed: int, noise_rate: float) -> list[str]:
+    """`count` worksheet documents (plain format, training split) whose answer is, at `noise_rate`,
+    a plausible wrong sum (`_wrong_total`) instead of the sum: a labelled set with annotation noise."""
+    if not 0.0 <= noise_rate <= 1.0:
+        raise ValueError(f"noise_rate must be in [0, 1], got {noise_rate}")
+    rng = random.Random(seed)
+    texts = []
+    for problem in sample_problems(count, seed=rng.randrange(2**31)):
+        value = _wrong_total(problem, rng) if rng.random() < noise_rate else problem.total
+        texts.append(problem.prompt + problem.completion(value=value))
+    return texts
+
+
 def classification_examples(count: int, seed: int, *, held_out: bool = False) -> list[tuple[str, int]]:
     """The task's classification view, "is this sum correct?": (text, label) pairs, balanced.
 
