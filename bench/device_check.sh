@@ -8,7 +8,8 @@
 # timeout drawn from one overall budget (DEVICE_CHECK_BUDGET_S, default 420 s) that holds back
 # BENCH_RESERVE_S (default 150 s) for the benchmarks. A failed step does not stop the later ones;
 # the script exits non-zero when any step failed. BENCH_ARGS adds options to the benchmark run
-# (e.g. BENCH_ARGS="--no-compile" or "--only fusion"). DEVICE_CHECK_STEPS picks the steps after the
+# (e.g. BENCH_ARGS="--no-compile" or "--only fusion"); DEVICE_CHECK_TESTS narrows the GPU tests (pytest
+# arguments, default "tests/gpu"). DEVICE_CHECK_STEPS picks the steps after the
 # build (default "tests bench hf"; "hf" runs bench/hf_bench.py, the processors' per-step cost and the
 # DistillationTrainer step against a full-logits Trainer; "profile" runs bench/profile_gpu.py and, where Nsight Compute can
 # read the counters, ncu on the cases of bench/profile_gpu.py whose names contain NCU_CASES, default
@@ -110,7 +111,9 @@ if wants profile; then
   fi
 fi
 
-wants tests && run_step tests_gpu 180 "$BENCH_RESERVE_S" python3 -m pytest -q -p no:cacheprovider --durations=10 tests/gpu
+# shellcheck disable=SC2086  # DEVICE_CHECK_TESTS is a list of pytest arguments
+wants tests && run_step tests_gpu 180 "$BENCH_RESERVE_S" python3 -m pytest -q -p no:cacheprovider --durations=10 \
+  ${DEVICE_CHECK_TESTS:-tests/gpu}
 wants tests && tail -n 1 "$OUT/tests_gpu.log"
 # The CPU suite runs in CI; here it is optional (DEVICE_CHECK_FULL_SUITE=1) to leave the time to the
 # GPU tests and the benchmarks. The wheel test rebuilds the extension, so it stays in CI.
