@@ -100,7 +100,9 @@ def arithmetic_processor(models, arithmetic: Callable, mask):
     class ArithmeticProcessor(_AuxiliaryModelsProcessor):
         @torch.no_grad()
         def __call__(self, input_ids, scores):
-            return arithmetic(scores, self._auxiliary_logits(input_ids))
+            fused = arithmetic(scores, self._auxiliary_logits(input_ids))
+            self._finish_step(input_ids)
+            return fused
 
     return ArithmeticProcessor(models, mask)
 

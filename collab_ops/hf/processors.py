@@ -15,7 +15,7 @@ from transformers import DynamicCache, LogitsProcessor
 
 from .. import presets
 from .._validation import check_positive
-from ..ops.fusion import _canonical_grid, dynamic_fusion_weights, fuse_logits
+from ..ops.fusion import PreparedFuseLogits, _canonical_grid, dynamic_fusion_weights
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -107,13 +107,6 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
                 f"expected {self._length + 1} tokens (one new one) but got {length}; "
                 "use a fresh processor for each generate call"
             )
-        # Beam search reorders rows between steps, which the auxiliary caches cannot follow:
-        # refuse rather than fuse with another row's cache (one host synchronisation per step).
-        if not torch.equal(input_ids[:, :-1], self._seen_ids):
-            raise ValueError(
-                "the rows of input_ids were reordered or changed between steps (beam search?); "
-                "beam search is not supported (the auxiliary caches are not reordered)"
-            )
         if length > self._mask_buffer.shape[1]:
             self._mask_buffer = torch.cat([self._mask_buffer, torch.ones_like(self._mask_buffer)], dim=-1)
         self._length = length
@@ -125,9 +118,20 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
     def _auxiliary_logits(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
         """Each auxiliary model's next-token logits `[B, V_k]` after `input_ids`, in model order."""
         new_ids, mask, position_ids = self._step_inputs(input_ids)
-        logits = [aux.next_token_logits(new_ids, mask, position_ids) for aux in self._auxiliary]
-        self._seen_ids = input_ids
-        return logits
+        return [aux.next_token_logits(new_ids, mask, position_ids) for aux in self._auxiliary]
+
+    def _finish_step(self, input_ids: torch.LongTensor) -> None:
+        """Refuse rows that changed since the previous call: beam search reorders rows between
+        steps, which the auxiliary caches cannot follow. Subclasses call this after queuing the
+        step's work and before returning its scores: the check synchronises with the device (once
+        per step), and by then the host has queued the auxiliary forwards and the fusion behind
+        the main model's forward instead of waiting for it first."""
+        previous, self._seen_ids = self._seen_ids, input_ids
+        if previous is not None and not torch.equal(input_ids[:, :-1], previous):
+            raise ValueError(
+                "the rows of input_ids were reordered or changed between steps (beam search?); "
+                "beam search is not supported (the auxiliary caches are not reordered)"
+            )
 
     @staticmethod
     def _to_main_width(fused: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
@@ -192,11 +196,13 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
         super().__init__(models, attention_mask)
         self.weights = [float(main_weight), *weights]
         self.fusion_options = fusion_options
+        self._fuse = PreparedFuseLogits(output="logits", **fusion_options)
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         auxiliary_logits = self._auxiliary_logits(input_ids)
-        fused = fuse_logits([scores, *auxiliary_logits], self.weights, output="logits", **self.fusion_options)
+        fused = self._fuse([scores, *auxiliary_logits], self.weights)
+        self._finish_step(input_ids)
         return self._to_main_width(fused, scores)
 
 
@@ -324,6 +330,7 @@ class DynamicFusionLogitsProcessor(_AuxiliaryModelsProcessor):
         # Canonical once, on the models' device: a list grid would otherwise cost a host-to-device
         # copy every step.
         self.grid = _canonical_grid(grid, self.device)
+        self._fuse = PreparedFuseLogits(normalize=False, output="logits")
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -331,5 +338,6 @@ class DynamicFusionLogitsProcessor(_AuxiliaryModelsProcessor):
         alpha = dynamic_fusion_weights(scores, expert_logits, base_logits, grid=self.grid)
         # Model order [large, experts..., base]: l_large + Σ α_t l_t − (Σ α_t) l_base.
         weights = torch.cat([torch.ones_like(alpha[:, :1]), alpha, -alpha.sum(dim=1, keepdim=True)], dim=1)
-        fused = fuse_logits([scores, *expert_logits, base_logits], weights, normalize=False, output="logits")
+        fused = self._fuse([scores, *expert_logits, base_logits], weights)
+        self._finish_step(input_ids)
         return self._to_main_width(fused, scores)

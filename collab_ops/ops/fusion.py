@@ -193,6 +193,48 @@ def fuse_logits(
     return impl.fn(*case.values())
 
 
+def _layout(tensors: Sequence[torch.Tensor], weights: Weights) -> tuple:
+    """What checking and dispatching `fuse_logits` depend on, besides the options: every input's
+    shape, strides, dtype and device, and the weights list itself (or its tensor's layout)."""
+    tensor_layout = tuple((t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+    if isinstance(weights, torch.Tensor):
+        return tensor_layout, (weights.shape, weights.dtype, weights.device)
+    return tensor_layout, tuple(weights)
+
+
+class PreparedFuseLogits:
+    """`fuse_logits` with fixed options for a loop that calls it with inputs of one layout (a
+    decoding loop: new logits and, for per-row weights, a new weights tensor every step).
+
+    The first call, and any call whose inputs differ in shape, strides, dtype or device (or whose
+    weights list differs), checks and dispatches as `fuse_logits` does; the others reuse that
+    check and the chosen implementation, which saves the Python validation (most of a small
+    call's host time). Results are `fuse_logits`'s.
+    """
+
+    def __init__(self, **options):
+        self._options = options
+        self._layout: Optional[tuple] = None
+
+    def __call__(self, logits: Sequence[torch.Tensor], weights: Weights) -> torch.Tensor:
+        layout = _layout(logits, weights) if isinstance(logits, (list, tuple)) else None
+        if layout is None or layout != self._layout:
+            options = dict(self._options)
+            output = options.pop("output", "logprobs")
+            backend = options.pop("backend", None)
+            case, device, _ = _fusion_case(logits, weights, **{
+                "temperatures": None, "normalize": True, "plausibility_alpha": None, "plausibility_ref": 0,
+                "vocab_size": None, **options})
+            case["output_logprobs"] = check_choice("output", output, OUTPUTS) == "logprobs"
+            self._implementation = _dispatch.dispatch("fuse_logits", device, backend, **case)
+            self._case, self._layout = case, layout
+            return self._implementation.fn(*case.values())
+        self._case["logits"] = list(logits)
+        if isinstance(weights, torch.Tensor):
+            self._case["weights"] = weights.to(torch.float32)
+        return self._implementation.fn(*self._case.values())
+
+
 def fused_sample(
     logits: Sequence[torch.Tensor],
     weights: Weights,
