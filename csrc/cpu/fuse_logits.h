@@ -22,17 +22,20 @@ inline void load_model_tile(const FusionParams& p, int k, int64_t row, int64_t c
   load_scaled_tile(p.logits[k], p.kind[k], row * p.row_stride[k] + col, count, p.inv_temperature[k], dst);
 }
 
-// Max and log-sum-exp state of one tile, in two vectorisable sweeps.
+// Max and log-sum-exp state of one tile, in two vectorised sweeps (`omp simd` reductions: GCC
+// keeps a plain float max, sum or bool |= scalar without -ffast-math).
 inline OnlineLse tile_lse(const float* x, int64_t count) {
   float tile_max = -INFINITY;
-  bool tile_nan = false;
+  int nans = 0;
+#pragma omp simd reduction(max : tile_max) reduction(| : nans)
   for (int64_t i = 0; i < count; ++i) {
     tile_max = x[i] > tile_max ? x[i] : tile_max;
-    tile_nan |= x[i] != x[i];
+    nans |= x[i] != x[i];
   }
-  OnlineLse state{tile_max, 0.f, tile_nan};
+  OnlineLse state{tile_max, 0.f, nans != 0};
   if (tile_max == -INFINITY || tile_max == INFINITY) return state;
   float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < count; ++i) sum += vector_exp(x[i] - tile_max);
   state.sum = sum;
   return state;
@@ -63,7 +66,7 @@ inline OnlineLse score_chunk(const FusionParams& p, int64_t row, int64_t begin, 
                              const FusionRowConstants& c) {
   float model_tile[kFusionTile];
   float score[kFusionTile];
-  bool saw_nan = false;
+  int32_t nans = 0;  // counted, branch-free: the loops below stay vectorised
   float* out = p.out + row * p.out_row_stride;
   OnlineLse state = online_lse_init();
   for (int64_t col = begin; col < end; col += kFusionTile) {
@@ -76,22 +79,23 @@ inline OnlineLse score_chunk(const FusionParams& p, int64_t row, int64_t begin, 
       const float offset = c.offset[k];
       for (int64_t i = 0; i < count; ++i) {
         const float z = model_tile[i];
-        saw_nan |= z != z;
+        nans += z != z;
         // -inf excludes the token whatever the sign of w.
-        score[i] = (z == -INFINITY || score[i] == -INFINITY) ? -INFINITY : score[i] + w * (z - offset);
+        const float term = score[i] + w * (z - offset);
+        score[i] = ((z == -INFINITY) | (score[i] == -INFINITY)) ? -INFINITY : term;
       }
     }
     if (p.use_plausibility) {
       load_model_tile(p, p.plausibility_ref, row, col, count, model_tile);
       for (int64_t i = 0; i < count; ++i) {
-        saw_nan |= model_tile[i] != model_tile[i];
+        nans += model_tile[i] != model_tile[i];
         score[i] = model_tile[i] < c.plausibility_cut ? -INFINITY : score[i];
       }
     }
     for (int64_t i = 0; i < count; ++i) out[col + i] = score[i];
     if (p.output_logprobs) state = online_lse_merge(state, tile_lse(score, count));
   }
-  state.has_nan |= saw_nan;
+  state.has_nan |= nans != 0;
   return state;
 }
 

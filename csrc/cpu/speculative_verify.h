@@ -122,7 +122,8 @@ inline bool fused_score_tile(const SpeculativeParams& p, const RowTargets& rt, i
     for (int64_t i = 0; i < count; ++i) {
       poisoned |= poisons_row(tile[i]);
       // -inf excludes the token whatever the sign of w.
-      score[i] = (tile[i] == -INFINITY || score[i] == -INFINITY) ? -INFINITY : score[i] + w * tile[i];
+      const float term = score[i] + w * tile[i];
+      score[i] = ((tile[i] == -INFINITY) | (score[i] == -INFINITY)) ? -INFINITY : term;
     }
   }
   return poisoned == 0;
