@@ -17,6 +17,14 @@ PROXY_TUNING_WEIGHTS = (1.0, 1.0, -1.0)
 DYNAMIC_FUSION_GRID = tuple(round(0.1 * step, 1) for step in range(21))  # DESIGN.md's default 0..2
 
 
+def triton_backend_call(device: torch.device, op_name: str, *args, **kwargs):
+    """The op pinned to its triton backend, timed beside the dispatched (CUDA) one; CPU tensors
+    would need Triton's interpreter, which is for tests, not timing."""
+    if device.type != "cuda":
+        return "the triton fusion kernels are timed on CUDA only (on the CPU they need the interpreter)"
+    return public_op_call("fusion", op_name, *args, backend="triton", **kwargs)
+
+
 def model_logits(count: int, batch: int, vocab: int, dtype: torch.dtype, device: torch.device, seed: int) -> list:
     generator = torch.Generator(device=device).manual_seed(seed)
     return [
@@ -47,6 +55,7 @@ def proxy_tuning_sample(shape: dict, device: torch.device) -> Case:
         eager=eager_proxy_tuning_step,
         eager_args=(logits, PROXY_TUNING_WEIGHTS),
         ours=public_op_call("fusion", "fused_sample", logits, list(PROXY_TUNING_WEIGHTS)),
+        peers={"collab_ops (triton)": triton_backend_call(device, "fused_sample", logits, list(PROXY_TUNING_WEIGHTS))},
     )
 
 
@@ -62,6 +71,7 @@ def fuse_logits(shape: dict, device: torch.device) -> Case:
         eager=eager_fuse_logits,
         eager_args=(logits, PROXY_TUNING_WEIGHTS),
         ours=public_op_call("fusion", "fuse_logits", logits, list(PROXY_TUNING_WEIGHTS)),
+        peers={"collab_ops (triton)": triton_backend_call(device, "fuse_logits", logits, list(PROXY_TUNING_WEIGHTS))},
     )
 
 

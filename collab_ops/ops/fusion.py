@@ -358,6 +358,14 @@ _dispatch.register("fused_sample", "reference", reference.fused_sample)
 _dispatch.register("dynamic_fusion_weights", "reference", reference.dynamic_fusion_weights)
 
 
+# Triton backend (collab_ops/triton/fusion.py): the second GPU path; triton itself is imported
+# when a kernel first runs.
+from ..triton import fusion as _triton_fusion  # noqa: E402
+
+_dispatch.register("fuse_logits", "triton", _triton_fusion.fuse_logits, supports=_triton_fusion.fuse_logits_supports)
+_dispatch.register("fused_sample", "triton", _triton_fusion.fused_sample, supports=_triton_fusion.fused_sample_supports)
+
+
 # Kernel limits; they must agree with kMaxFusedModels (csrc/common/fusion.h) and kMaxFusionExperts,
 # kMaxFusionGrid (csrc/common/dynamic_fusion.h).
 MAX_KERNEL_MODELS = 8

@@ -1,0 +1,91 @@
+"""The triton backend of fuse_logits and fused_sample against the reference: every fuse_logits
+case of the kernel suite, greedy tokens, seeds, rows without a token, the sampled distribution
+(chi-square), and the refusal of top_k/top_p. Without a GPU the kernels run in Triton's
+interpreter, one program per row, so the sampling tests use few rows and a small vocabulary."""
+import numpy as np
+import pytest
+import torch
+
+import collab_ops
+import fused_sample_checks as checks
+from collab_ops import BackendUnavailableError
+from collab_ops.ops.fusion import fused_sample
+from fusion_kernel_checks import check_fusion_case, fusion_cases
+
+if "triton" not in collab_ops.available_backends():
+    pytest.skip("triton is not available here (needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)",
+                allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSION_CASES = list(fusion_cases())
+GREEDY_CASES = list(checks.greedy_cases())
+
+
+@pytest.mark.parametrize("index", range(len(FUSION_CASES)))
+def test_fuse_logits_matches_reference(index):
+    check_fusion_case("triton", DEVICE, FUSION_CASES[index], seed=5000 + index)
+
+
+@pytest.mark.parametrize("index", range(len(GREEDY_CASES)))
+def test_greedy_equals_the_reference(index):
+    checks.check_greedy_case("triton", DEVICE, GREEDY_CASES[index], seed=6000 + index)
+
+
+def test_greedy_takes_the_first_of_tied_maxima():
+    checks.check_greedy_takes_the_first_of_tied_maxima("triton", DEVICE)
+
+
+def test_rows_without_a_token():
+    checks.check_rows_without_a_token("triton", DEVICE)
+
+
+def test_seeds_repeat_and_key_each_row():
+    g = torch.Generator().manual_seed(3)
+    logits = [torch.randn(8, 40, generator=g).to(DEVICE), torch.randn(8, 40, generator=g).to(DEVICE, torch.bfloat16)]
+    for options in (dict(), dict(temperature=0.7, min_p=0.01)):
+        def run(seed):
+            return fused_sample(logits, [1.0, -0.5], seed=seed, backend="triton", **options)
+
+        first = run(11)
+        assert torch.equal(first, run(11)) and torch.equal(first, run(torch.tensor(11, device=DEVICE)))
+        assert not torch.equal(first, run(12))
+        per_row = torch.arange(8, device=DEVICE) * 1009 + 5
+        by_row = run(per_row)
+        assert not torch.equal(by_row, run(per_row + 1))
+        order = torch.randperm(8, generator=g).to(DEVICE)
+        assert torch.equal(fused_sample([l[order] for l in logits], [1.0, -0.5], seed=per_row[order], backend="triton",
+                                        **options), by_row[order])
+
+
+def test_sampled_tokens_follow_the_fused_distribution():
+    """Chi-square against the reference's exact distribution: CD-style weights, an excluded token
+    in each model, the plausibility mask, temperature and min_p."""
+    draws = 500 if DEVICE == "cpu" else 50_000  # the interpreter runs ~30 ms per row
+    g = torch.Generator().manual_seed(0)
+    expert, amateur = torch.randn(1, 6, generator=g) * 1.5, torch.randn(1, 6, generator=g)
+    expert[0, 5], amateur[0, 4] = -float("inf"), -float("inf")
+    fusion = dict(weights=[1.0, -0.5], temperatures=[1.0, 1.5], plausibility_alpha=0.05, temperature=0.8, min_p=0.05)
+    from collab_ops.reference import fusion as reference
+
+    scores = reference.fused_scores([expert.double(), amateur.double()], torch.tensor(fusion["weights"]),
+                                    fusion["temperatures"], True, 0.05, 0, 6)[0] / 0.8
+    probs = torch.softmax(scores, -1)
+    probs = torch.where(probs >= 0.05 * probs.max(), probs, 0.0)
+    probs = (probs / probs.sum()).numpy()
+    tokens = fused_sample([expert.expand(draws, -1).to(DEVICE), amateur.expand(draws, -1).to(DEVICE)], seed=7,
+                          backend="triton", **fusion)
+    counts = np.bincount(tokens.cpu().numpy(), minlength=6)
+    support = probs > 0
+    assert counts[~support].sum() == 0, counts
+    expected = probs[support] * draws
+    statistic = ((counts[support] - expected) ** 2 / expected).sum()
+    from scipy.stats import chi2
+
+    assert statistic < chi2.ppf(1 - 1e-4, support.sum() - 1), (counts, expected)
+
+
+def test_top_k_and_top_p_are_refused_with_the_reason():
+    logits = [torch.randn(2, 5, device=DEVICE)]
+    for options in (dict(top_k=2), dict(top_p=0.5)):
+        with pytest.raises(BackendUnavailableError, match="top_k/top_p"):
+            fused_sample(logits, [1.0], seed=0, backend="triton", **options)
