@@ -89,3 +89,12 @@ def test_top_k_and_top_p_are_refused_with_the_reason():
     for options in (dict(top_k=2), dict(top_p=0.5)):
         with pytest.raises(BackendUnavailableError, match="top_k/top_p"):
             fused_sample(logits, [1.0], seed=0, backend="triton", **options)
+
+
+def test_more_than_eight_models_and_float64_are_refused_with_the_reason():
+    from collab_ops import fuse_logits
+
+    with pytest.raises(BackendUnavailableError, match="at most 8 models"):
+        fuse_logits([torch.randn(2, 5, device=DEVICE)] * 9, [1.0] * 9, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="fp32/bf16/fp16"):
+        fuse_logits([torch.randn(2, 5, dtype=torch.float64, device=DEVICE)], [1.0], backend="triton")

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-MAX_MODELS = 8
+MAX_MODELS = 8  # the kernels' pointer arguments P0..P7
 # One seed for the batch is spread over rows as speculative_verify spreads it
 # (collab_ops.reference.speculative.ROW_SEED_STRIDE), as a signed 64-bit integer.
 _ROW_SEED_SPREAD = 0x9E3779B97F4A7C15 - 2**64

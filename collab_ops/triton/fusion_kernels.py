@@ -15,8 +15,6 @@ sweep drawing a Gumbel-max token with Triton's Philox (`tl.rand`) keyed by the r
 import triton
 import triton.language as tl
 
-MAX_MODELS = 8
-
 
 @triton.jit
 def _load_scaled(P, k: tl.constexpr, row, cols, mask, STRIDES, INV_T):
