@@ -60,16 +60,29 @@ COLLAB_HD float gumbel_noise(uint32_t bits) { return -logf(-log1pf(-uniform_open
 // Above the largest noise gumbel_noise can return (u = 2^-24 gives 16.635).
 constexpr float kGumbelNoiseBound = 16.7f;
 
-// The random bits of columns 4·group .. 4·group + 3 of a row. A per-row seed alone keys the row's
-// stream, so a row's token does not depend on its position in the batch; with one seed for the
-// batch the row index is part of the counter.
-COLLAB_HD Philox4 sampling_bits(const SamplingParams& s, int64_t row, int64_t group) {
-  const uint64_t key = static_cast<uint64_t>(s.seed_per_row ? s.seed[row] : s.seed[0]);
-  const uint64_t stream = s.seed_per_row ? 0 : static_cast<uint64_t>(row);
+// The Philox key and stream of a row's draws. A per-row seed alone keys the row's stream, so a
+// row's token does not depend on its position in the batch; with one seed for the batch the row
+// index is part of the counter.
+struct RowStream {
+  uint64_t key;
+  uint64_t stream;
+};
+
+COLLAB_HD RowStream row_stream(const SamplingParams& s, int64_t row) {
+  return RowStream{static_cast<uint64_t>(s.seed_per_row ? s.seed[row] : s.seed[0]),
+                   s.seed_per_row ? 0 : static_cast<uint64_t>(row)};
+}
+
+// The random bits of columns 4·group .. 4·group + 3 of the row.
+COLLAB_HD Philox4 sampling_bits(const RowStream& r, int64_t group) {
   const uint64_t counter = static_cast<uint64_t>(group);
-  Philox4 c{{static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), static_cast<uint32_t>(stream),
-             static_cast<uint32_t>(stream >> 32)}};
-  return philox4x32_10(c, key);
+  Philox4 c{{static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), static_cast<uint32_t>(r.stream),
+             static_cast<uint32_t>(r.stream >> 32)}};
+  return philox4x32_10(c, r.key);
+}
+
+COLLAB_HD Philox4 sampling_bits(const SamplingParams& s, int64_t row, int64_t group) {
+  return sampling_bits(row_stream(s, row), group);
 }
 
 // A token and its Gumbel key (or score when greedy); index -1 is no token yet.

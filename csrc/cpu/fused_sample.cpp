@@ -5,6 +5,39 @@
 #include "sampling_args.h"
 
 namespace collab_ops {
+namespace cpu {
+
+COLLAB_CPU_CLONES void tile_sampling_bits(const SamplingParams& s, int64_t row, int64_t col, int64_t count,
+                                          uint32_t* bits) {
+  const RowStream stream = row_stream(s, row);
+  const int64_t first = col / 4, groups = (col + count + 3) / 4 - first;
+  for (int64_t g = 0; g < groups; ++g) {
+    const Philox4 r = sampling_bits(stream, first + g);
+    for (int lane = 0; lane < 4; ++lane) bits[4 * g + lane] = r.v[lane];
+  }
+}
+
+COLLAB_CPU_CLONES ChunkResult input_pass_chunk(const SamplingParams& s, const RowSetup& setup, int64_t row,
+                                               int64_t begin, int64_t end, bool sample, float min_p_cut,
+                                               float* workspace_row) {
+  float score[kSampleTile];
+  float scratch[kSampleTile];
+  const FusionParams& p = s.fusion;
+  const float scale = s.greedy ? 1.f : s.inv_temperature;
+  ChunkResult result = empty_chunk_result();
+  for (int64_t col = begin; col < end; col += kSampleTile) {
+    const int64_t count = std::min(kSampleTile, end - col);
+    result.no_token |= score_tile(p, setup, row, col, count, score, scratch);
+    for (int64_t i = 0; i < count; ++i) score[i] *= scale;
+    if (workspace_row != nullptr) std::copy(score, score + count, workspace_row + col);
+    result.max = std::max(result.max, tile_max(score, count));
+    if (sample) sample_tile(s, row, col, count, score, -INFINITY, min_p_cut, result.best);
+  }
+  return result;
+}
+
+}  // namespace cpu
+
 namespace {
 
 at::Tensor fused_sample_cpu(const std::vector<at::Tensor>& logits, const at::Tensor& weights,

@@ -85,8 +85,10 @@ inline bool score_tile(const FusionParams& p, const RowSetup& setup, int64_t row
   return undefined != 0;
 }
 
+// `omp simd`: GCC keeps a plain float max reduction scalar without -ffast-math.
 inline float tile_max(const float* x, int64_t count) {
   float m = -INFINITY;
+#pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < count; ++i) m = std::max(m, x[i]);
   return m;
 }
@@ -104,6 +106,12 @@ inline uint32_t reachable_mantissa_limit(float current_best, float tile_best_x) 
   const double limit = std::floor(u_max * 8388608.0 - 0.5) + 1.0;
   return limit < 0 ? 0u : (limit >= kAll ? kAll : static_cast<uint32_t>(limit));
 }
+
+// The random bits of the groups of four columns that cover [col, col + count): bits[4 g + lane]
+// is lane `lane` of group col / 4 + g (sampling_bits). Defined in fused_sample.cpp, compiled for
+// AVX2 and AVX-512 there (COLLAB_CPU_CLONES), where the loop over groups runs one group per vector
+// lane: Philox is most of a sampled tile's work.
+void tile_sampling_bits(const SamplingParams& s, int64_t row, int64_t col, int64_t count, uint32_t* bits);
 
 // Folds one tile of x (columns col .. col + count - 1) into `best`. Tiles of a chunk come in column
 // order, so a later token only wins with a strictly larger key. Tiles and tokens whose key
@@ -125,37 +133,24 @@ inline void sample_tile(const SamplingParams& s, int64_t row, int64_t col, int64
   if (top == -INFINITY || top < keep_from) return;
   if (top + kGumbelNoiseBound < best.key) return;
   const uint32_t mantissa_limit = reachable_mantissa_limit(best.key, top);
-  for (int64_t group = col / 4; group * 4 < col + count; ++group) {
-    const Philox4 bits = sampling_bits(s, row, group);
-    for (int lane = 0; lane < 4; ++lane) {
-      const int64_t i = group * 4 + lane - col;
-      if (i < 0 || i >= count || (bits.v[lane] >> 9) > mantissa_limit) continue;
-      if (!(x[i] >= keep_from) || x[i] == -INFINITY) continue;
-      const float key = x[i] + gumbel_noise(bits.v[lane]);
-      if (key > best.key) best = Candidate{key, col + i};
-    }
+  uint32_t bits[kSampleTile + 4];
+  tile_sampling_bits(s, row, col, count, bits);
+  const int64_t skew = col % 4;  // bits[0] belongs to column col - skew
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t b = bits[i + skew];
+    if ((b >> 9) > mantissa_limit || !(x[i] >= keep_from) || x[i] == -INFINITY) continue;
+    // A column whose x cannot reach the best key even with the largest noise cannot win.
+    if (x[i] + kGumbelNoiseBound < best.key) continue;
+    const float key = x[i] + gumbel_noise(b);
+    if (key > best.key) best = Candidate{key, col + i};
   }
 }
 
 // One chunk of the row from the inputs: x = s / temperature (s itself when greedy), its max and
 // undefinedness, and, when `sample`, the chunk's best candidate among x >= min_p_cut.
-inline ChunkResult input_pass_chunk(const SamplingParams& s, const RowSetup& setup, int64_t row, int64_t begin,
-                                    int64_t end, bool sample, float min_p_cut, float* workspace_row) {
-  float score[kSampleTile];
-  float scratch[kSampleTile];
-  const FusionParams& p = s.fusion;
-  const float scale = s.greedy ? 1.f : s.inv_temperature;
-  ChunkResult result = empty_chunk_result();
-  for (int64_t col = begin; col < end; col += kSampleTile) {
-    const int64_t count = std::min(kSampleTile, end - col);
-    result.no_token |= score_tile(p, setup, row, col, count, score, scratch);
-    for (int64_t i = 0; i < count; ++i) score[i] *= scale;
-    if (workspace_row != nullptr) std::copy(score, score + count, workspace_row + col);
-    result.max = std::max(result.max, tile_max(score, count));
-    if (sample) sample_tile(s, row, col, count, score, -INFINITY, min_p_cut, result.best);
-  }
-  return result;
-}
+// Defined in fused_sample.cpp, compiled for AVX2 and AVX-512 (COLLAB_CPU_CLONES).
+ChunkResult input_pass_chunk(const SamplingParams& s, const RowSetup& setup, int64_t row, int64_t begin, int64_t end,
+                             bool sample, float min_p_cut, float* workspace_row);
 
 inline ChunkResult workspace_sample_chunk(const SamplingParams& s, int64_t row, int64_t begin, int64_t end,
                                           const float* workspace_row, float value_cut, float min_p_cut) {
