@@ -7,6 +7,11 @@
 namespace collab_ops {
 namespace {
 
+// The whole (row, expert) task compiled for AVX2 and AVX-512 too: its slot sweeps are exp-bound.
+COLLAB_CPU_CLONES float dynamic_fusion_task(const DynamicFusionParams& p, int64_t row, int expert) {
+  return cpu::dynamic_fusion_weight(p, row, expert);
+}
+
 at::Tensor dynamic_fusion_weights_cpu(const at::Tensor& large, const std::vector<at::Tensor>& experts,
                                       const at::Tensor& base, const at::Tensor& grid, int64_t vocab_size) {
   std::vector<at::Tensor> keep_alive;
@@ -18,7 +23,7 @@ at::Tensor dynamic_fusion_weights_cpu(const at::Tensor& large, const std::vector
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / p.num_experts;
       const int expert = static_cast<int>(task % p.num_experts);
-      p.out[task] = cpu::dynamic_fusion_weight(p, row, expert);
+      p.out[task] = dynamic_fusion_task(p, row, expert);
     }
   });
   return out;
