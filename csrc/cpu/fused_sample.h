@@ -114,8 +114,8 @@ inline uint32_t reachable_mantissa_limit(float current_best, float tile_best_x) 
 void tile_sampling_bits(const SamplingParams& s, int64_t row, int64_t col, int64_t count, uint32_t* bits);
 
 // Folds one tile of x (columns col .. col + count - 1) into `best`. Tiles of a chunk come in column
-// order, so a later token only wins with a strictly larger key. Tiles and tokens whose key
-// provably cannot win skip the Philox draw and the logarithms.
+// order, so a later token only wins with a strictly larger key. A tile whose keys provably cannot
+// win skips the Philox draw; a token that cannot win skips the logarithms.
 inline void sample_tile(const SamplingParams& s, int64_t row, int64_t col, int64_t count, const float* x,
                         float value_cut, float min_p_cut, Candidate& best) {
   const float keep_from = std::max(value_cut, min_p_cut);
