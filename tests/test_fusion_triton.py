@@ -98,3 +98,18 @@ def test_more_than_eight_models_and_float64_are_refused_with_the_reason():
         fuse_logits([torch.randn(2, 5, device=DEVICE)] * 9, [1.0] * 9, backend="triton")
     with pytest.raises(BackendUnavailableError, match="fp32/bf16/fp16"):
         fuse_logits([torch.randn(2, 5, dtype=torch.float64, device=DEVICE)], [1.0], backend="triton")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+def test_a_warm_step_is_capturable_in_a_cuda_graph():
+    """After a first call has built the small device tables, a sampling step copies nothing from
+    the host and synchronises nothing: it replays from a CUDA graph with a tensor seed."""
+    logits = [torch.randn(4, 1000, device=DEVICE).bfloat16() for _ in range(3)]
+    seed = torch.tensor(5, device=DEVICE)
+    expected = fused_sample(logits, [1.0, 1.0, -1.0], seed=seed, backend="triton")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tokens = fused_sample(logits, [1.0, 1.0, -1.0], seed=seed, backend="triton")
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(tokens, expected)

@@ -11,6 +11,8 @@ Triton is imported when a kernel first runs, so this module imports without it.
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Optional
 
 import torch
@@ -53,6 +55,17 @@ def _block(vocab: int, device: torch.device) -> tuple[int, int]:
     return block, max(1, min(8, block // 256)) if device.type == "cuda" else 1
 
 
+@functools.lru_cache(maxsize=64)
+def _device_constants(device: torch.device, strides: tuple, inv_temperatures: tuple, weights: Optional[tuple]):
+    """The small per-call tables on the device, built once per distinct layout and options: a
+    decoding loop repeats them every step, and a fresh host-to-device copy would synchronise (and
+    could not be captured in a CUDA graph). The kernels only read them."""
+    strides_table = torch.tensor(strides, dtype=torch.int64).to(device)
+    temperatures_table = torch.tensor(inv_temperatures, dtype=torch.float32).to(device)
+    weights_table = None if weights is None else torch.tensor(weights, dtype=torch.float32).to(device)
+    return strides_table, temperatures_table, weights_table
+
+
 class _Launch:
     """The arguments every fusion kernel shares, built once per call."""
 
@@ -61,16 +74,18 @@ class _Launch:
         batch = logits[0].shape[0]
         self.num_models = len(logits)
         self.pointers = list(logits) + [logits[0]] * (MAX_MODELS - len(logits))
-        self.strides = torch.tensor([[t.stride(0), t.stride(1)] for t in logits], dtype=torch.int64).to(device)
-        self.inv_temperatures = torch.tensor([1.0 / t for t in temperatures], dtype=torch.float32).to(device)
-        if weights.dim() == 1:  # [K] per-model constants (on the CPU)
-            self.weights, self.weight_row_stride = weights.to(device=device, dtype=torch.float32), 0
+        constant_weights = tuple(weights.tolist()) if weights.dim() == 1 else None  # [K] on the CPU
+        self.strides, self.inv_temperatures, self.weights = _device_constants(
+            device, tuple((t.stride(0), t.stride(1)) for t in logits), tuple(1.0 / t for t in temperatures),
+            constant_weights)
+        if constant_weights is not None:
+            self.weight_row_stride = 0
         else:
             self.weights = weights.to(torch.float32).contiguous()
             self.weight_row_stride = self.weights.stride(0)
         self.normalize = bool(normalize)
         self.plausibility = plausibility_alpha is not None
-        self.log_alpha = float(torch.log(torch.tensor(plausibility_alpha, dtype=torch.float64))) if self.plausibility else 0.0
+        self.log_alpha = math.log(plausibility_alpha) if self.plausibility else 0.0
         self.plausibility_ref = int(plausibility_ref)
         self.vocab = int(vocab_size)
         self.batch = batch
@@ -111,13 +126,13 @@ def fused_sample(logits, weights, temperatures, normalize, plausibility_alpha, p
         return tokens
     if launch.plausibility:
         launch.model_stats()
-    if greedy or seed is None:
-        seed_tensor, seed_row_stride, seed_spread = torch.zeros(1, dtype=torch.int64, device=launch.device), 0, 0
+    if greedy or seed is None:  # no seed is read: any int64 tensor on the device stands in
+        seed_tensor, seed_row_stride, seed_spread = launch.strides, 0, 0
     elif seed.dim() == 1:
         seed_tensor, seed_row_stride, seed_spread = seed.contiguous(), 1, 0
     else:
         seed_tensor, seed_row_stride, seed_spread = seed.reshape(1), 0, _ROW_SEED_SPREAD
-    log_min_p = float(torch.log(torch.tensor(min_p, dtype=torch.float64))) if min_p > 0 else float("-inf")
+    log_min_p = math.log(min_p) if min_p > 0 else float("-inf")
     # The per-model log-sum-exps are per-row constants, which sampling does not see: NORMALIZE off,
     # with a normalised model's +inf (which would make its log-softmax NaN) marking the row undefined.
     _kernels().sample_kernel[(launch.batch,)](
