@@ -15,11 +15,12 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from . import evaluate, task
+from .evaluate import _batches
 from .models import ARCHITECTURES, WEIGHTS_DIR, load_model_family
 
 @dataclass
@@ -56,11 +57,6 @@ class Progress:
 
 # ----------------------------------------------------------------------------------------------
 # Generation on the evaluation problems
-
-
-def _batches(items: Sequence, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def _encode(tokenizer, texts: Sequence[str], device: torch.device):

@@ -358,14 +358,6 @@ _dispatch.register("fused_sample", "reference", reference.fused_sample)
 _dispatch.register("dynamic_fusion_weights", "reference", reference.dynamic_fusion_weights)
 
 
-# Triton backend (collab_ops/triton/fusion.py): the second GPU path; triton itself is imported
-# when a kernel first runs.
-from ..triton import fusion as _triton_fusion  # noqa: E402
-
-_dispatch.register("fuse_logits", "triton", _triton_fusion.fuse_logits, supports=_triton_fusion.fuse_logits_supports)
-_dispatch.register("fused_sample", "triton", _triton_fusion.fused_sample, supports=_triton_fusion.fused_sample_supports)
-
-
 # Kernel limits; they must agree with kMaxFusedModels (csrc/common/fusion.h) and kMaxFusionExperts,
 # kMaxFusionGrid (csrc/common/dynamic_fusion.h).
 MAX_KERNEL_MODELS = 8
@@ -373,14 +365,36 @@ MAX_KERNEL_EXPERTS = 8
 MAX_KERNEL_GRID = 32
 
 
-def _compiled_fusion_refusal(*, logits, weights, **_) -> Optional[str]:
-    """Why the C++/CUDA fusion kernels cannot take this call, or None."""
-    if len(logits) > MAX_KERNEL_MODELS:
-        return f"the fusion kernels take at most {MAX_KERNEL_MODELS} models, got {len(logits)}"
+def _fusion_kernel_refusal(logits, kernels: str, max_models: int) -> Optional[str]:
+    """Why fusion kernels that take at most `max_models` fp32/bf16/fp16 inputs cannot take these."""
+    if len(logits) > max_models:
+        return f"{kernels} take at most {max_models} models, got {len(logits)}"
     wide = [k for k, t in enumerate(logits) if t.dtype not in FLOAT_DTYPES]
     if wide:
-        return f"the fusion kernels take fp32/bf16/fp16 inputs, logits[{wide[0]}] is {logits[wide[0]].dtype}"
+        return f"{kernels} take fp32/bf16/fp16 inputs, logits[{wide[0]}] is {logits[wide[0]].dtype}"
     return None
+
+
+def _compiled_fusion_refusal(*, logits, weights, **_) -> Optional[str]:
+    """Why the C++/CUDA fusion kernels cannot take this call, or None."""
+    return _fusion_kernel_refusal(logits, "the fusion kernels", MAX_KERNEL_MODELS)
+
+
+# Triton backend (collab_ops/triton/fusion.py): the second GPU path; triton itself is imported
+# when a kernel first runs.
+from ..triton import fusion as _triton_fusion  # noqa: E402
+
+
+def _triton_fusion_refusal(*, logits, **_) -> Optional[str]:
+    return _fusion_kernel_refusal(logits, "the triton fusion kernels", _triton_fusion.MAX_MODELS)
+
+
+def _triton_sample_refusal(**case) -> Optional[str]:
+    return _triton_fusion_refusal(**case) or _triton_fusion.fused_sample_supports(**case)
+
+
+_dispatch.register("fuse_logits", "triton", _triton_fusion.fuse_logits, supports=_triton_fusion_refusal)
+_dispatch.register("fused_sample", "triton", _triton_fusion.fused_sample, supports=_triton_sample_refusal)
 
 
 def _compiled_dynamic_fusion_refusal(*, large, experts, base, grid, **_) -> Optional[str]:

@@ -21,7 +21,6 @@ MAX_MODELS = 8  # the kernels' pointer arguments P0..P7
 # One seed for the batch is spread over rows as speculative_verify spreads it
 # (collab_ops.reference.speculative.ROW_SEED_STRIDE), as a signed 64-bit integer.
 _ROW_SEED_SPREAD = 0x9E3779B97F4A7C15 - 2**64
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _kernels():
@@ -30,23 +29,12 @@ def _kernels():
     return fusion_kernels
 
 
-def _model_refusal(logits) -> Optional[str]:
-    if len(logits) > MAX_MODELS:
-        return f"the triton fusion kernels take at most {MAX_MODELS} models, got {len(logits)}"
-    wide = [k for k, t in enumerate(logits) if t.dtype not in _FLOAT_DTYPES]
-    if wide:
-        return f"the triton fusion kernels take fp32/bf16/fp16 inputs, logits[{wide[0]}] is {logits[wide[0]].dtype}"
-    return None
-
-
-def fuse_logits_supports(*, logits, **_case) -> Optional[str]:
-    return _model_refusal(logits)
-
-
-def fused_sample_supports(*, logits, top_k, top_p, **_case) -> Optional[str]:
+def fused_sample_supports(*, top_k, top_p, **_case) -> Optional[str]:
+    """The refusal beyond the model count and dtypes, which collab_ops.ops.fusion checks for every
+    fusion kernel."""
     if top_k > 0 or top_p < 1.0:
         return "the triton fused_sample takes no top_k/top_p (their selection runs on the cuda and cpu backends)"
-    return _model_refusal(logits)
+    return None
 
 
 def _block(vocab: int, device: torch.device) -> tuple[int, int]:
@@ -91,12 +79,16 @@ class _Launch:
         self.batch = batch
         self.device = device
         self.block, self.num_warps = _block(self.vocab, device)
-        self.stats = torch.empty((batch, self.num_models, 3), dtype=torch.float32, device=device)
+        self.stats = self.inv_temperatures  # read by no kernel until model_stats fills a real table
 
-    def model_stats(self):
+    def model_stats(self, only_reference: bool):
+        """The row statistics the score needs: every model's log-sum-exp when normalising, else
+        only the plausibility reference's max."""
+        self.stats = torch.empty((self.batch, self.num_models, 3), dtype=torch.float32, device=self.device)
         _kernels().model_stats_kernel[(self.batch,)](
             *self.pointers, self.strides, self.inv_temperatures, self.stats, self.vocab,
-            K=self.num_models, BLOCK=self.block, num_warps=self.num_warps,
+            K=self.num_models, ONLY_REF=only_reference, REF=self.plausibility_ref, BLOCK=self.block,
+            num_warps=self.num_warps,
         )
 
 
@@ -107,7 +99,7 @@ def fuse_logits(logits, weights, temperatures, normalize, plausibility_alpha, pl
     if launch.batch == 0:
         return out
     if launch.normalize or launch.plausibility:
-        launch.model_stats()
+        launch.model_stats(only_reference=not launch.normalize)
     _kernels().fuse_kernel[(launch.batch,)](
         *launch.pointers, launch.strides, launch.inv_temperatures, launch.weights, launch.weight_row_stride,
         launch.stats, out, launch.vocab, launch.log_alpha,
@@ -125,7 +117,7 @@ def fused_sample(logits, weights, temperatures, normalize, plausibility_alpha, p
     if launch.batch == 0:
         return tokens
     if launch.plausibility:
-        launch.model_stats()
+        launch.model_stats(only_reference=True)
     if greedy or seed is None:  # no seed is read: any int64 tensor on the device stands in
         seed_tensor, seed_row_stride, seed_spread = launch.strides, 0, 0
     elif seed.dim() == 1:

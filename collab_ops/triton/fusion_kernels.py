@@ -2,8 +2,8 @@
 input dtypes, the rules of collab_ops.reference.fusion (exclusions, zero weights, poisoned rows).
 
 Up to 8 models are passed as separate pointer arguments P0..P7 (unused ones repeat P0), so that
-each keeps its own dtype; a compile-time K unrolls the per-model code (`if K > k` is resolved when
-the kernel is compiled). Per-model row/column strides, inverse temperatures and, for
+each keeps its own dtype; a compile-time K unrolls the per-model code (`tl.static_range`, with
+`_model_pointer` picking the argument when the kernel is compiled). Per-model row/column strides, inverse temperatures and, for
 normalisation, log-sum-exps come from small tensors indexed by the static k.
 
 fuse_logits: [stats launch: every participating model's row max and log-sum-exp] then the row
@@ -62,24 +62,13 @@ def _stats_of(P, k: tl.constexpr, row, V, STRIDES, INV_T, STATS, K: tl.constexpr
 
 @triton.jit
 def model_stats_kernel(P0, P1, P2, P3, P4, P5, P6, P7, STRIDES, INV_T, STATS, V,
-                       K: tl.constexpr, BLOCK: tl.constexpr):
-    """STATS[row, k] = (max, log-sum-exp, has NaN) of every model's scaled row."""
+                       K: tl.constexpr, ONLY_REF: tl.constexpr, REF: tl.constexpr, BLOCK: tl.constexpr):
+    """STATS[row, k] = (max, log-sum-exp, has NaN) of every model's scaled row (ONLY_REF: of model
+    REF alone, all the plausibility cut needs)."""
     row = tl.program_id(0).to(tl.int64)
-    _stats_of(P0, 0, row, V, STRIDES, INV_T, STATS, K, BLOCK)
-    if K > 1:
-        _stats_of(P1, 1, row, V, STRIDES, INV_T, STATS, K, BLOCK)
-    if K > 2:
-        _stats_of(P2, 2, row, V, STRIDES, INV_T, STATS, K, BLOCK)
-    if K > 3:
-        _stats_of(P3, 3, row, V, STRIDES, INV_T, STATS, K, BLOCK)
-    if K > 4:
-        _stats_of(P4, 4, row, V, STRIDES, INV_T, STATS, K, BLOCK)
-    if K > 5:
-        _stats_of(P5, 5, row, V, STRIDES, INV_T, STATS, K, BLOCK)
-    if K > 6:
-        _stats_of(P6, 6, row, V, STRIDES, INV_T, STATS, K, BLOCK)
-    if K > 7:
-        _stats_of(P7, 7, row, V, STRIDES, INV_T, STATS, K, BLOCK)
+    for k in tl.static_range(K):
+        if (not ONLY_REF) or k == REF:
+            _stats_of(_model_pointer(P0, P1, P2, P3, P4, P5, P6, P7, k), k, row, V, STRIDES, INV_T, STATS, K, BLOCK)
 
 
 @triton.jit
@@ -103,24 +92,25 @@ def _add_model(score, nans, P, k: tl.constexpr, row, cols, mask, STRIDES, INV_T,
 
 
 @triton.jit
-def _reference_logits(P0, P1, P2, P3, P4, P5, P6, P7, row, cols, mask, STRIDES, INV_T, REF: tl.constexpr):
-    if REF == 0:
-        ref = _load_scaled(P0, 0, row, cols, mask, STRIDES, INV_T)
-    elif REF == 1:
-        ref = _load_scaled(P1, 1, row, cols, mask, STRIDES, INV_T)
-    elif REF == 2:
-        ref = _load_scaled(P2, 2, row, cols, mask, STRIDES, INV_T)
-    elif REF == 3:
-        ref = _load_scaled(P3, 3, row, cols, mask, STRIDES, INV_T)
-    elif REF == 4:
-        ref = _load_scaled(P4, 4, row, cols, mask, STRIDES, INV_T)
-    elif REF == 5:
-        ref = _load_scaled(P5, 5, row, cols, mask, STRIDES, INV_T)
-    elif REF == 6:
-        ref = _load_scaled(P6, 6, row, cols, mask, STRIDES, INV_T)
+def _model_pointer(P0, P1, P2, P3, P4, P5, P6, P7, k: tl.constexpr):
+    """Argument P<k> (k static)."""
+    if k == 0:
+        P = P0
+    elif k == 1:
+        P = P1
+    elif k == 2:
+        P = P2
+    elif k == 3:
+        P = P3
+    elif k == 4:
+        P = P4
+    elif k == 5:
+        P = P5
+    elif k == 6:
+        P = P6
     else:
-        ref = _load_scaled(P7, 7, row, cols, mask, STRIDES, INV_T)
-    return ref
+        P = P7
+    return P
 
 
 @triton.jit
@@ -129,23 +119,11 @@ def _fused_block(P0, P1, P2, P3, P4, P5, P6, P7, row, cols, mask, nans, STRIDES,
                  REF: tl.constexpr, INF_UNDEFINED: tl.constexpr):
     """The fused scores s of one block of columns (−inf past V), and the running NaN count."""
     score = tl.zeros(cols.shape, tl.float32)
-    score, nans = _add_model(score, nans, P0, 0, row, cols, mask, STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
-    if K > 1:
-        score, nans = _add_model(score, nans, P1, 1, row, cols, mask, STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
-    if K > 2:
-        score, nans = _add_model(score, nans, P2, 2, row, cols, mask, STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
-    if K > 3:
-        score, nans = _add_model(score, nans, P3, 3, row, cols, mask, STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
-    if K > 4:
-        score, nans = _add_model(score, nans, P4, 4, row, cols, mask, STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
-    if K > 5:
-        score, nans = _add_model(score, nans, P5, 5, row, cols, mask, STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
-    if K > 6:
-        score, nans = _add_model(score, nans, P6, 6, row, cols, mask, STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
-    if K > 7:
-        score, nans = _add_model(score, nans, P7, 7, row, cols, mask, STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
+    for k in tl.static_range(K):
+        score, nans = _add_model(score, nans, _model_pointer(P0, P1, P2, P3, P4, P5, P6, P7, k), k, row, cols, mask,
+                                 STRIDES, INV_T, W, w_row_stride, STATS, K, NORMALIZE, INF_UNDEFINED)
     if PLAUSIBILITY:
-        ref = _reference_logits(P0, P1, P2, P3, P4, P5, P6, P7, row, cols, mask, STRIDES, INV_T, REF)
+        ref = _load_scaled(_model_pointer(P0, P1, P2, P3, P4, P5, P6, P7, REF), REF, row, cols, mask, STRIDES, INV_T)
         nans += ((ref != ref) & mask).to(tl.int32)
         # p_ref(x) >= alpha · max p_ref, i.e. ref(x) >= max ref + log alpha (NaN compares false).
         score = tl.where(ref >= plausibility_cut, score, float("-inf"))
