@@ -2,7 +2,10 @@
 
 Greedy tokens must equal the reference's exactly; sampled tokens must be reproducible under a
 seed, depend on a per-row seed only, and stay inside the reference's kept set (ties included).
+The C++ and CUDA kernels draw Philox Gumbel-max tokens that a NumPy oracle recomputes for every
+column, so the kernels' skipping of hopeless columns is checked to never change a token.
 """
+import numpy as np
 import torch
 
 from collab_ops.ops.fusion import fused_sample
@@ -124,3 +127,57 @@ def opcheck_samples(device):
     yield (mixed, weights, [1.0, 0.7], True, 0.1, 0, 11, 1.0, 0, 1.0, 0.0, False, seed)
     yield (mixed, weights, [1.0, 1.0], False, None, 0, 11, 0.8, 3, 0.9, 0.05, False, torch.arange(3, device=device))
     yield (mixed, weights, [1.0, 1.0], True, None, 0, 11, 1.0, 0, 1.0, 0.0, True, None)
+
+
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter, key):
+    """Philox-4x32-10 (csrc/common/philox.h) on uint64 arrays holding 32-bit words: counter is four
+    arrays, key a Python int; returns the four output words."""
+    c = [np.asarray(word, dtype=np.uint64) & _MASK32 for word in counter]
+    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32 & 0xFFFFFFFF)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p1 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _MASK32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _MASK32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & _MASK32, (k1 + np.uint64(0xBB67AE85)) & _MASK32
+    return c
+
+
+def gumbel_noise(row, vocab, seed, row_seeded):
+    """Every column's noise as the kernels draw it, in float64: the row's Philox stream (its own seed,
+    or the batch seed with the row as stream), columns 4g..4g+3 from counter g."""
+    groups = np.arange((vocab + 3) // 4, dtype=np.uint64)
+    stream = 0 if row_seeded else row
+    zeros = np.zeros_like(groups)
+    words = philox4x32_10([groups, zeros, zeros + np.uint64(stream), zeros], seed % 2**64)
+    bits = np.stack(words, axis=1).reshape(-1)[:vocab]
+    u = ((bits >> np.uint64(9)).astype(np.float64) + 0.5) * 2.0**-23
+    return -np.log(-np.log1p(-u))
+
+
+def check_philox_oracle_matches_known_answers():
+    words = philox4x32_10([np.uint64(v) for v in (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)], 0x299F31D0A4093822)
+    assert [int(w) for w in words] == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def check_skipping_never_changes_the_token(backend, device):
+    """Tokens equal argmax(x + noise) over every kept column: rows whose scale makes the kernels skip
+    nearly every column (3, 12), and rows where the noise bound alone skips almost none (0.3)."""
+    g = torch.Generator().manual_seed(8)
+    batch, vocab, weights = 24, 20011, [1.0, 1.0, -1.0]
+    for scale in (0.3, 3.0, 12.0):
+        logits = [torch.randn(batch, vocab, generator=g) * scale for _ in range(3)]
+        logits[1][:, ::7] = -INF
+        score = (logits[0] + logits[1]) - logits[2]  # float32, in the kernels' order
+        for options in (dict(), dict(temperature=0.7, min_p=0.02)):
+            x = score.double() / options.get("temperature", 1.0)
+            keep = x >= x.max(dim=1, keepdim=True).values + np.log(options.get("min_p", 0.0) or 1e-300)
+            for seed, row_seeded in ((12345, False), (torch.arange(batch) * 7919 + 3, True)):
+                tokens = fused_sample([l.to(device) for l in logits], weights, seed=seed if not row_seeded else seed.to(device),
+                                      backend=backend, **options).cpu()
+                for row in range(batch):
+                    row_seed = int(seed[row]) if row_seeded else seed
+                    keys = np.where(keep[row].numpy(), x[row].numpy() + gumbel_noise(row, vocab, row_seed, row_seeded), -np.inf)
+                    assert tokens[row].item() == int(np.argmax(keys)), (scale, options, row_seeded, row)

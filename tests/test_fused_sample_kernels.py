@@ -33,6 +33,15 @@ def test_seeds(backend):
     checks.check_seeds(backend, "cpu")
 
 
+def test_the_philox_oracle_matches_known_answers():
+    checks.check_philox_oracle_matches_known_answers()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skipping_never_changes_the_token(backend):
+    checks.check_skipping_never_changes_the_token(backend, "cpu")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kept_sets_include_ties(backend):
     checks.check_kept_sets_include_ties(backend, "cpu")

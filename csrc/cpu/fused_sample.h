@@ -93,20 +93,6 @@ inline float tile_max(const float* x, int64_t count) {
   return m;
 }
 
-// The largest 23-bit uniform mantissa whose Gumbel noise can lift a token scoring at most
-// `tile_best_x` to `current_best`: noise >= d needs u <= 1 - exp(-exp(-d)). The margin keeps the
-// test conservative against float rounding, so skipping never changes the drawn token.
-inline uint32_t reachable_mantissa_limit(float current_best, float tile_best_x) {
-  constexpr uint32_t kAll = (1u << 23) - 1;
-  if (current_best == -INFINITY) return kAll;
-  const double needed =
-      static_cast<double>(current_best) - tile_best_x - (1e-3 + 1e-5 * std::fabs(static_cast<double>(current_best)));
-  if (needed < -2.0) return kAll;
-  const double u_max = -std::expm1(-std::exp(-needed));
-  const double limit = std::floor(u_max * 8388608.0 - 0.5) + 1.0;
-  return limit < 0 ? 0u : (limit >= kAll ? kAll : static_cast<uint32_t>(limit));
-}
-
 // The random bits of the groups of four columns that cover [col, col + count): bits[4 g + lane]
 // is lane `lane` of group col / 4 + g (sampling_bits). Defined in fused_sample.cpp, compiled for
 // AVX2 and AVX-512 there (COLLAB_CPU_CLONES), where the loop over groups runs one group per vector
@@ -138,7 +124,7 @@ inline void sample_tile(const SamplingParams& s, int64_t row, int64_t col, int64
   const int64_t skew = col % 4;  // bits[0] belongs to column col - skew
   for (int64_t i = 0; i < count; ++i) {
     const uint32_t b = bits[i + skew];
-    if ((b >> 9) > mantissa_limit || !(x[i] >= keep_from) || x[i] == -INFINITY) continue;
+    if (!noise_can_reach(b, mantissa_limit) || !(x[i] >= keep_from) || x[i] == -INFINITY) continue;
     // A column whose x cannot reach the best key even with the largest noise cannot win.
     if (x[i] + kGumbelNoiseBound < best.key) continue;
     const float key = x[i] + gumbel_noise(b);

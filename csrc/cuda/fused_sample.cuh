@@ -154,11 +154,13 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
   float local_max = -INFINITY;
   bool undefined = false;
   Candidate best = no_candidate();
-  // A key some thread of the block has drawn: a column whose key x + noise cannot reach it (noise
-  // is below kGumbelNoiseBound) cannot be the row's token, so it skips the Philox draw and the
-  // logarithms. Skipping never changes the token, so the CPU kernel (which skips by its own rule)
-  // still agrees. The block shares its best key after every sweep: with 1024 columns a sweep, the
-  // bar soon rises to where few columns of a real (or even a Gaussian) row need their noise.
+  // A key some thread of the block has drawn: a column whose key x + noise cannot reach it cannot
+  // be the row's token. Below x + kGumbelNoiseBound it skips the Philox draw; otherwise the draw's
+  // mantissa decides (reachable_mantissa_limit) whether it needs the logarithms, which only a few
+  // columns of a row do once the bar has risen. Skipping never changes the token, so the CPU kernel
+  // (which skips by its own tiling) still agrees. Warps publish their best key after every sweep of
+  // 1024 columns and read the block's without a barrier: the value only grows and is always a drawn
+  // key, so a stale read only skips less.
   float shared_best_key = -INFINITY;
   if (!state.no_token) {
     // Every thread runs every sweep, so that the warp can share its best key after each one.
@@ -199,16 +201,19 @@ __global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingPa
         }
         if (any_reachable) {
           const Philox4 bits = sampling_bits(s, row, first / 4);
+          float top = -INFINITY;
+          for (int lane = 0; lane < 4; ++lane) top = reachable[lane] ? fmaxf(top, x[lane]) : top;
+          const uint32_t mantissa_limit = reachable_mantissa_limit(must_reach, top);
           for (int lane = 0; lane < 4; ++lane) {
-            if (reachable[lane]) best = better_candidate(best, Candidate{x[lane] + gumbel_noise(bits.v[lane]), first + lane});
+            if (reachable[lane] && noise_can_reach(bits.v[lane], mantissa_limit)) {
+              best = better_candidate(best, Candidate{x[lane] + gumbel_noise(bits.v[lane]), first + lane});
+            }
           }
         }
         float key = best.key;
         for (int offset = 16; offset > 0; offset >>= 1) key = fmaxf(key, __shfl_xor_sync(0xffffffffu, key, offset));
-        if (threadIdx.x % 32 == 0) atomicMax(&block_best_bits, ordered_bits(key));
-        __syncthreads();  // `draw` is the same for the whole block
-        // Only ever grows, and every value is a drawn key, so reading a later sweep's value is safe.
-        shared_best_key = from_ordered_bits(block_best_bits);
+        if (threadIdx.x % 32 == 0 && key > shared_best_key) atomicMax(&block_best_bits, ordered_bits(key));
+        shared_best_key = from_ordered_bits(*static_cast<volatile uint32_t*>(&block_best_bits));
       }
     }
   }

@@ -24,6 +24,10 @@ def test_seeds():
     checks.check_seeds("cuda", "cuda")
 
 
+def test_skipping_never_changes_the_token():
+    checks.check_skipping_never_changes_the_token("cuda", "cuda")
+
+
 def test_kept_sets_include_ties():
     checks.check_kept_sets_include_ties("cuda", "cuda")
 
