@@ -66,18 +66,22 @@ struct OnlineLse {
 
 COLLAB_HD OnlineLse online_lse_init() { return OnlineLse{-INFINITY, 0.f, false}; }
 
-COLLAB_HD void online_lse_add(OnlineLse& state, float x) {
-  if (x != x) {
-    state.has_nan = true;
-    return;
+// The state of n values at once: their max, then one sum of exponentials, with no branch or
+// rescaling per value (the CUDA kernels' per-thread columns; the CPU kernels' vectorised tile_lse
+// is the same over a tile).
+template <int n>
+COLLAB_HD OnlineLse values_lse(const float (&x)[n]) {
+  OnlineLse state{-INFINITY, 0.f, false};
+  for (int i = 0; i < n; ++i) {
+    state.has_nan |= x[i] != x[i];
+    state.max = fmaxf(state.max, x[i]);  // NaN-ignoring
   }
-  if (x == -INFINITY) return;
-  if (x > state.max) {
-    state.sum = state.sum * expf(state.max - x) + 1.f;
-    state.max = x;
-  } else {
-    state.sum += expf(x - state.max);
+  if (state.max == INFINITY) {
+    state.sum = 1.f;  // online_lse_value reads +inf from the max alone
+  } else if (state.max != -INFINITY) {
+    for (int i = 0; i < n; ++i) state.sum += expf(x[i] - state.max);  // -inf adds 0; NaN poisons anyway
   }
+  return state;
 }
 
 COLLAB_HD OnlineLse online_lse_merge(OnlineLse a, OnlineLse b) {

@@ -64,35 +64,44 @@ __device__ __forceinline__ OnlineLse warp_merge_partials(const OnlineLse* partia
   return state;
 }
 
-template <typename Element, typename Convert>
+// kFull: the chunk lies inside the vocabulary (every chunk of a row but the last), so the loads
+// need no bounds check; the kernels branch on it once per block.
+template <bool kFull, typename Element, typename Convert>
 __device__ __forceinline__ void load_typed_columns(const Element* row_data, int64_t begin, int64_t vocab,
                                                    float inv_temperature, Convert convert, float* z) {
+  const Element* first = row_data + begin + threadIdx.x;
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) {
-    const int64_t col = begin + i * kFusionThreads + threadIdx.x;
-    z[i] = col < vocab ? convert(__ldg(row_data + col)) * inv_temperature : -INFINITY;
+    z[i] = kFull || begin + i * kFusionThreads + threadIdx.x < vocab
+               ? convert(__ldg(first + i * kFusionThreads)) * inv_temperature
+               : -INFINITY;
   }
 }
 
 // The thread's kColumnsPerThread columns of model k, scaled by 1/T_k; -inf past the vocabulary.
 // The dtype is resolved once per call, so the column loads issue back to back.
+template <bool kFull>
 __device__ __forceinline__ void load_model_columns(const FusionParams& p, int k, int64_t row, int64_t begin,
                                                    float* z) {
   const int64_t offset = row * p.row_stride[k];
   const float inv_temperature = p.inv_temperature[k];
   switch (p.kind[k]) {
     case ScalarKind::kBFloat16:
-      load_typed_columns(static_cast<const uint16_t*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
-                         [](uint16_t v) { return bfloat16_to_float(v); }, z);
+      load_typed_columns<kFull>(static_cast<const uint16_t*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
+                                [](uint16_t v) { return bfloat16_to_float(v); }, z);
       break;
     case ScalarKind::kFloat16:
-      load_typed_columns(static_cast<const uint16_t*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
-                         [](uint16_t v) { return float16_to_float(v); }, z);
+      load_typed_columns<kFull>(static_cast<const uint16_t*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
+                                [](uint16_t v) { return float16_to_float(v); }, z);
       break;
     default:
-      load_typed_columns(static_cast<const float*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
-                         [](float v) { return v; }, z);
+      load_typed_columns<kFull>(static_cast<const float*>(p.logits[k]) + offset, begin, p.vocab, inv_temperature,
+                                [](float v) { return v; }, z);
   }
+}
+
+__device__ __forceinline__ bool chunk_is_full(const FusionParams& p, int64_t begin) {
+  return begin + kFusionChunk <= p.vocab;
 }
 
 __global__ void __launch_bounds__(kFusionThreads) model_stats_kernel(FusionParams p, FusionWorkspace ws) {
@@ -102,12 +111,55 @@ __global__ void __launch_bounds__(kFusionThreads) model_stats_kernel(FusionParam
     const bool used = fusion_weight(p, row, k) != 0.f || (p.use_plausibility && k == p.plausibility_ref);
     if (!used || !needs_row_max(p, k)) continue;  // uniform across the block
     float z[kColumnsPerThread];
-    load_model_columns(p, k, row, begin, z);
-    OnlineLse local = online_lse_init();
-#pragma unroll
-    for (int i = 0; i < kColumnsPerThread; ++i) online_lse_add(local, z[i]);
-    const OnlineLse merged = block_merge_lse<kFusionThreads>(local);
+    if (chunk_is_full(p, begin)) {
+      load_model_columns<true>(p, k, row, begin, z);
+    } else {
+      load_model_columns<false>(p, k, row, begin, z);
+    }
+    const OnlineLse merged = block_merge_lse<kFusionThreads>(values_lse(z));
     if (threadIdx.x == 0) ws.model_stats[(row * ws.num_chunks + chunk) * p.num_models + k] = merged;
+  }
+}
+
+// The thread's columns of the fused score: s, or -inf where a model excludes the token or the
+// plausibility cut does; `saw_nan` is set by a NaN in a participating model.
+template <bool kFull>
+__device__ __forceinline__ void score_columns(const FusionParams& p, const float* weight, const float* offset,
+                                              float plausibility_cut, int64_t row, int64_t begin,
+                                              float (&score)[kColumnsPerThread], bool& saw_nan) {
+  // Model by model, every column of the thread is loaded before any arithmetic and nothing is
+  // stored here: a store to `out` between loads would serialise them (the compiler cannot rule
+  // out aliasing), leaving each thread one load in flight.
+  // Bit i: column i is excluded (one register rather than a predicate or register per column).
+  uint32_t excluded = 0;
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) score[i] = 0.f;
+  if (p.use_plausibility) {
+    float z[kColumnsPerThread];
+    load_model_columns<kFull>(p, p.plausibility_ref, row, begin, z);
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) {
+      saw_nan |= z[i] != z[i];
+      excluded |= static_cast<uint32_t>(z[i] < plausibility_cut) << i;
+    }
+  }
+  for (int k = 0; k < p.num_models; ++k) {
+    const float w = weight[k];
+    if (w == 0.f) continue;  // uniform across the block
+    float z[kColumnsPerThread];
+    load_model_columns<kFull>(p, k, row, begin, z);
+    const float c = offset[k];
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) {
+      saw_nan |= z[i] != z[i];
+      excluded |= static_cast<uint32_t>(z[i] == -INFINITY) << i;
+      score[i] += w * (z[i] - c);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) {
+    const bool in_vocab = kFull || begin + i * kFusionThreads + threadIdx.x < p.vocab;
+    score[i] = (excluded >> i & 1u) || !in_vocab ? -INFINITY : score[i];
   }
 }
 
@@ -138,59 +190,39 @@ __global__ void __launch_bounds__(kFusionThreads) score_kernel(FusionParams p, F
   if (threadIdx.x == 0 && !p.use_plausibility) plausibility_cut = -INFINITY;
   __syncthreads();
 
-  // Model by model, every column of the thread is loaded before any arithmetic and nothing is
-  // stored until the end: a store to `out` between loads would serialise them (the compiler
-  // cannot rule out aliasing), leaving each thread one load in flight.
   const int64_t begin = chunk * kFusionChunk;
   float score[kColumnsPerThread];
-  bool excluded[kColumnsPerThread];
   bool saw_nan = false;
+  if (chunk_is_full(p, begin)) {
+    score_columns<true>(p, weight, offset, plausibility_cut, row, begin, score, saw_nan);
+  } else {
+    score_columns<false>(p, weight, offset, plausibility_cut, row, begin, score, saw_nan);
+  }
+  float* out = p.out + row * p.out_row_stride + begin + threadIdx.x;
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) {
-    score[i] = 0.f;
-    excluded[i] = false;
-  }
-  if (p.use_plausibility) {
-    float z[kColumnsPerThread];
-    load_model_columns(p, p.plausibility_ref, row, begin, z);
-#pragma unroll
-    for (int i = 0; i < kColumnsPerThread; ++i) {
-      saw_nan |= z[i] != z[i];
-      excluded[i] |= z[i] < plausibility_cut;
-    }
-  }
-  for (int k = 0; k < p.num_models; ++k) {
-    const float w = weight[k];
-    if (w == 0.f) continue;  // uniform across the block
-    float z[kColumnsPerThread];
-    load_model_columns(p, k, row, begin, z);
-    const float c = offset[k];
-#pragma unroll
-    for (int i = 0; i < kColumnsPerThread; ++i) {
-      saw_nan |= z[i] != z[i];
-      excluded[i] |= z[i] == -INFINITY;
-      score[i] += w * (z[i] - c);
-    }
-  }
-  float* out = p.out + row * p.out_row_stride;
-  OnlineLse local = online_lse_init();
-#pragma unroll
-  for (int i = 0; i < kColumnsPerThread; ++i) {
-    const int64_t col = begin + i * kFusionThreads + threadIdx.x;
-    if (col < p.vocab) {
-      const float value = excluded[i] ? -INFINITY : score[i];
-      out[col] = value;
-      online_lse_add(local, value);
-    }
+    if (begin + i * kFusionThreads + threadIdx.x < p.vocab) out[i * kFusionThreads] = score[i];
   }
   // A NaN in a participating model poisons the row: carried in the partial state's flag.
+  OnlineLse local = values_lse(score);
   local.has_nan |= saw_nan;
   const OnlineLse merged = block_merge_lse<kFusionThreads>(local);
   if (threadIdx.x == 0) ws.score_stats[row * ws.num_chunks + chunk] = merged;
 }
 
 __global__ void __launch_bounds__(kFusionThreads) finish_kernel(FusionParams p, FusionWorkspace ws) {
-  const int64_t chunk = blockIdx.x % ws.num_chunks, row = blockIdx.x / ws.num_chunks;
+  // Rows in reverse order of score_kernel's: the scores it wrote last are the likeliest still in L2.
+  const int64_t block = gridDim.x - 1 - blockIdx.x;
+  const int64_t chunk = block % ws.num_chunks, row = block / ws.num_chunks;
+  const int64_t begin = chunk * kFusionChunk;
+  float* out = p.out + row * p.out_row_stride + begin + threadIdx.x;
+  // Log-prob output reads every score anyway: the loads go out before the row's partial states are
+  // merged, so their latency hides behind the merge instead of following it.
+  float value[kColumnsPerThread];
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) {
+    value[i] = p.output_logprobs && begin + i * kFusionThreads + threadIdx.x < p.vocab ? out[i * kFusionThreads] : 0.f;
+  }
   __shared__ OnlineLse row_stats;
   if (threadIdx.x < 32) {
     const OnlineLse merged = warp_merge_partials(ws.score_stats + row * ws.num_chunks, ws.num_chunks, 1);
@@ -201,18 +233,9 @@ __global__ void __launch_bounds__(kFusionThreads) finish_kernel(FusionParams p, 
   const float lse = online_lse_value(row_stats);
   // Nothing to do: logits output of a clean row, or an all-excluded row that stays all -inf.
   if (!poisoned && (!p.output_logprobs || lse == -INFINITY)) return;
-  float* out = p.out + row * p.out_row_stride;
-  const int64_t begin = chunk * kFusionChunk;
-  float value[kColumnsPerThread];
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) {
-    const int64_t col = begin + i * kFusionThreads + threadIdx.x;
-    value[i] = col < p.vocab && !poisoned ? out[col] : 0.f;
-  }
-#pragma unroll
-  for (int i = 0; i < kColumnsPerThread; ++i) {
-    const int64_t col = begin + i * kFusionThreads + threadIdx.x;
-    if (col < p.vocab) out[col] = poisoned ? NAN : value[i] - lse;
+    if (begin + i * kFusionThreads + threadIdx.x < p.vocab) out[i * kFusionThreads] = poisoned ? NAN : value[i] - lse;
   }
 }
 

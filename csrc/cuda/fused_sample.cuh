@@ -131,8 +131,12 @@ __device__ __forceinline__ ChunkPartial load_partial(const ChunkPartial* part) {
                       __ldcg(&part->no_token)};
 }
 
+// The launcher plans kSampleBlocksPerSm blocks per SM; telling ptxas so lets it use the registers
+// that leaves (it otherwise spilled a few in the sampling pass).
+constexpr int kSampleBlocksPerSm = 4;
+
 template <ChunkPass kPass>
-__global__ void __launch_bounds__(kSampleThreads) sample_chunk_kernel(SamplingParams s, SampleLayout layout) {
+__global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chunk_kernel(SamplingParams s, SampleLayout layout) {
   const FusionParams& p = s.fusion;
   const int64_t row = blockIdx.x / layout.chunks, chunk = blockIdx.x % layout.chunks;
   const int64_t begin = chunk * layout.chunk_columns;

@@ -113,6 +113,46 @@ __device__ __forceinline__ void track_best(RowPartial& r, float value, int64_t c
   }
 }
 
+// add_log2 of x2[0..count) (count <= 8) with at most one rescale: the vector's max first, then one
+// exponential per value, no branch per value.
+__device__ __forceinline__ void add_log2_vector(RowPartial& r, const float (&x2)[8], int count) {
+  float vector_max = -INFINITY;
+  bool saw_nan = false;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    if (e < count) {
+      saw_nan |= x2[e] != x2[e];
+      vector_max = fmaxf(vector_max, x2[e]);  // NaN-ignoring
+    }
+  }
+  if (saw_nan) r.flags |= kSawNan;
+  if (vector_max > r.max2) {
+    r.sum = r.max2 == -INFINITY ? 0.f : r.sum * exp2f(r.max2 - vector_max);
+    r.max2 = vector_max;
+  }
+  if (r.max2 == -INFINITY || r.max2 == INFINITY) return;  // nothing finite yet; or +inf, read from max2 alone
+  float sum = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    if (e < count && x2[e] == x2[e]) sum += exp2f(x2[e] - r.max2);
+  }
+  r.sum += sum;
+}
+
+// track_best of values[0..count) at columns col, col + 1, ...: the vector's first maximum only.
+__device__ __forceinline__ void track_best_vector(RowPartial& r, const float (&values)[8], int count, int64_t col) {
+  float best = -INFINITY;
+  int best_e = -1;
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    if (e < count && values[e] > best) {  // NaN never wins
+      best = values[e];
+      best_e = e;
+    }
+  }
+  if (best_e >= 0) track_best(r, best, col + best_e);
+}
+
 struct MergeRowPartial {
   __device__ __forceinline__ RowPartial operator()(const RowPartial& a, const RowPartial& b) const {
     RowPartial m;
@@ -197,12 +237,14 @@ __device__ __forceinline__ void load_vector(const char* address, ScalarKind kind
 }
 
 // Calls visit(col, a, b) for every column of [begin, end) of one row (kRows = 1, b = 0) or of two
-// rows read side by side (kRows = 2), each column by one thread of the block. 16-byte loads when
-// the rows share their alignment, scalar loads for the unaligned head and tail (or everywhere
-// when they do not). A thread's columns come in no fixed order: reductions break ties by column.
-template <int kThreads, int kRows, class Visit>
+// rows read side by side (kRows = 2), each column by one thread of the block, except that the
+// columns of one 16-byte load go to visit_vector(col, a, b, count) together (columns col .. col +
+// count - 1 in a[0..count), b[0..count)). 16-byte loads when the rows share their alignment, scalar
+// loads for the unaligned head and tail (or everywhere when they do not). A thread's columns come
+// in no fixed order: reductions break ties by column.
+template <int kThreads, int kRows, class Visit, class VisitVector>
 __device__ __forceinline__ void visit_columns(ScalarKind kind, const char* row_a, const char* row_b, int64_t begin,
-                                              int64_t end, Visit& visit) {
+                                              int64_t end, Visit& visit, VisitVector& visit_vector) {
   const int bytes = scalar_bytes(kind);
   const int per_vector = 16 / bytes;
   const uintptr_t misalignment = reinterpret_cast<uintptr_t>(row_a + begin * bytes) & 15u;
@@ -220,15 +262,30 @@ __device__ __forceinline__ void visit_columns(ScalarKind kind, const char* row_a
     const int64_t col = body + v * per_vector;
     float a[8], b[8];
     load_vector(row_a + col * bytes, kind, a);
-    if (kRows == 2) load_vector(row_b + col * bytes, kind, b);
+    if (kRows == 2) {
+      load_vector(row_b + col * bytes, kind, b);
+    } else {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      if (e < per_vector) visit(col + e, a[e], kRows == 2 ? b[e] : 0.f);
+      for (int e = 0; e < 8; ++e) b[e] = 0.f;
     }
+    visit_vector(col, a, b, per_vector);
   }
   for (int64_t col = tail + threadIdx.x; col < end; col += kThreads) {
     visit(col, load_as_float(row_a, kind, col), kRows == 2 ? load_as_float(row_b, kind, col) : 0.f);
   }
+}
+
+// visit_columns with every column of a vector passed to visit one by one.
+template <int kThreads, int kRows, class Visit>
+__device__ __forceinline__ void visit_columns(ScalarKind kind, const char* row_a, const char* row_b, int64_t begin,
+                                              int64_t end, Visit& visit) {
+  auto each = [&](int64_t col, const float (&a)[8], const float (&b)[8], int count) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (e < count) visit(col + e, a[e], b[e]);
+    }
+  };
+  visit_columns<kThreads, kRows>(kind, row_a, row_b, begin, end, visit, each);
 }
 
 __device__ __forceinline__ const char* target_row(const SpeculativeParams& p, int k, int64_t row, int64_t position) {
@@ -263,7 +320,29 @@ __device__ RowPartial single_row_partial(const SpeculativeParams& p, const char*
       track_best(local, value, col);
     }
   };
-  visit_columns<kThreads, 1>(p.kind, row, nullptr, begin, end, visit);
+  // The same per 16-byte load, with logits (the bandwidth-heavy case) batched: one rescale of the
+  // log-sum-exp and one argmax candidate per load.
+  auto visit_vector = [&](int64_t col, const float (&values)[8], const float (&)[8], int count) {
+    if (!logits) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        if (e < count) visit(col + e, values[e], 0.f);
+      }
+      return;
+    }
+    float a[8], x2[8];
+    bool poisoned = false;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      a[e] = values[e] * p.inv_temperature;
+      x2[e] = values[e] * scale2;
+      poisoned |= e < count && poisons_row(a[e]);
+    }
+    if (poisoned) local.flags |= kPoisoned;
+    add_log2_vector(local, x2, count);
+    if (want_argmax) track_best_vector(local, a, count, col);
+  };
+  visit_columns<kThreads, 1>(p.kind, row, nullptr, begin, end, visit, visit_vector);
   return block_merge<kThreads>(local, MergeRowPartial{});
 }
 
