@@ -20,7 +20,9 @@ def test_quick_run_measures_every_processor_and_trainer(tmp_path):
     results = json.loads(out.read_text())
     processors = results["processors"]
     assert {r["preset"] for r in processors} == {"proxy_tuning", "contrastive_decoding", "dynamic_fusion"}
-    assert {r["implementation"] for r in processors} == {"collab_ops", "eager", "bookkeeping", "replay"}
+    assert {r["implementation"] for r in processors} == {
+        "collab_ops", "eager", "bookkeeping", "collab_ops, no row check", "eager, no row check",
+        "bookkeeping, no row check", "replay"}
     assert all(r["matches_eager"] for r in processors)
     assert all(r["median_us"] > 0 for r in processors)
     trainers = {r["trainer"]: r for r in results["trainers"]}

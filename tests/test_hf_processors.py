@@ -119,47 +119,47 @@ class Preset:
     """A processor built from auxiliary models (in the order `score` receives them after the
     main model's logits) and its formula."""
 
-    build: Callable  # (auxiliary models, attention_mask) -> processor
+    build: Callable  # (auxiliary models, attention_mask, **constructor options) -> processor
     num_auxiliary: int
     score: Callable  # [main logits, *auxiliary logits] -> fused scores
 
 
 PRESETS = {
     "contrastive_li": Preset(
-        lambda aux, mask: ContrastiveDecodingLogitsProcessor(aux[0], alpha=0.1, attention_mask=mask),
+        lambda aux, mask, **options: ContrastiveDecodingLogitsProcessor(aux[0], alpha=0.1, attention_mask=mask, **options),
         1,
         lambda logits: li_contrastive(logits, 0.1),
     ),
     "contrastive_li_amateur_temperature": Preset(
-        lambda aux, mask: ContrastiveDecodingLogitsProcessor(
-            aux[0], alpha=0.2, amateur_temperature=0.5, attention_mask=mask
+        lambda aux, mask, **options: ContrastiveDecodingLogitsProcessor(
+            aux[0], alpha=0.2, amateur_temperature=0.5, attention_mask=mask, **options
         ),
         1,
         lambda logits: li_contrastive(logits, 0.2, amateur_temperature=0.5),
     ),
     "contrastive_obrien_lewis": Preset(
-        lambda aux, mask: ContrastiveDecodingLogitsProcessor(aux[0], alpha=0.1, beta=0.5, attention_mask=mask),
+        lambda aux, mask, **options: ContrastiveDecodingLogitsProcessor(aux[0], alpha=0.1, beta=0.5, attention_mask=mask, **options),
         1,
         lambda logits: obrien_lewis_contrastive(logits, 0.1, 0.5),
     ),
     "proxy_tuning": Preset(
-        lambda aux, mask: ProxyTuningLogitsProcessor(aux[0], aux[1], alpha=0.8, attention_mask=mask),
+        lambda aux, mask, **options: ProxyTuningLogitsProcessor(aux[0], aux[1], alpha=0.8, attention_mask=mask, **options),
         2,
         lambda logits: weighted_logprobs(logits, [1.0, 0.8, -0.8]),
     ),
     "eft": Preset(
-        lambda aux, mask: EFTLogitsProcessor(aux[0], aux[1], beta=1.5, attention_mask=mask),
+        lambda aux, mask, **options: EFTLogitsProcessor(aux[0], aux[1], beta=1.5, attention_mask=mask, **options),
         2,
         lambda logits: weighted_logprobs(logits, [1.0, 1.5, -1.5]),
     ),
     "dynamic_fusion_one_expert": Preset(
-        lambda aux, mask: DynamicFusionLogitsProcessor(aux[0], aux[1], attention_mask=mask),
+        lambda aux, mask, **options: DynamicFusionLogitsProcessor(aux[0], aux[1], attention_mask=mask, **options),
         2,
         lambda logits: dynamic_fusion(logits, DEFAULT_GRID),
     ),
     "dynamic_fusion_two_experts": Preset(
-        lambda aux, mask: DynamicFusionLogitsProcessor(
-            [aux[0], aux[1]], aux[2], grid=[0.0, 0.5, 1.0, 1.5], attention_mask=mask
+        lambda aux, mask, **options: DynamicFusionLogitsProcessor(
+            [aux[0], aux[1]], aux[2], grid=[0.0, 0.5, 1.0, 1.5], attention_mask=mask, **options
         ),
         3,
         lambda logits: dynamic_fusion(logits, [0.0, 0.5, 1.0, 1.5]),
@@ -446,6 +446,49 @@ def test_reordered_rows_are_refused_without_a_mask(models):
         processor(grown.flip(0), torch.randn(2, VOCAB))
 
 
+@pytest.mark.parametrize("name", ["contrastive_li", "proxy_tuning", "dynamic_fusion_one_expert"])
+def test_without_the_row_order_check_greedy_still_matches_the_naive_loop(sharp_models, name):
+    preset = PRESETS[name]
+    aux = sharp_models[1 : 1 + preset.num_auxiliary]
+    ids, mask, _ = left_padded_prompts()
+    assert preset.build(aux, mask).check_row_order
+    recorder = Recorder(preset.build(aux, mask, check_row_order=False))
+    generated = greedy_generate(sharp_models[0], recorder, ids, mask)
+    assert torch.equal(generated, naive_greedy([sharp_models[0], *aux], preset.score, ids, mask))
+    assert_every_step_follows_formula(recorder, [sharp_models[0], *aux], preset.score, mask)
+
+
+def test_without_the_row_order_check_reordered_rows_pass_unnoticed(models):
+    """What check_row_order=False gives up (the batch-size check stays)."""
+    ids, mask, _ = left_padded_prompts()
+    processor = CollaborativeLogitsProcessor([models[1]], [0.5], check_row_order=False)
+    processor(ids, torch.randn(2, VOCAB))
+    grown = torch.cat([ids, ids[:, -1:]], dim=-1)
+    processor(grown.flip(0), torch.randn(2, VOCAB))
+    checked = CollaborativeLogitsProcessor([models[1]], [0.5], attention_mask=mask, check_row_order=False)
+    checked(ids, torch.randn(2, VOCAB))
+    with pytest.raises(ValueError, match="beam search"):
+        checked(grown.repeat(2, 1), torch.randn(4, VOCAB))
+
+
+def test_steps_past_the_buffers_first_capacity_keep_masks_and_positions_right(models):
+    """The mask and position buffers start with 64 columns of room and double: 150 steps later the
+    fused scores still equal the formula on the whole sequence."""
+    main, aux, _ = models
+    ids, mask, _ = left_padded_prompts()
+    processor = CollaborativeLogitsProcessor([aux], [-0.5], attention_mask=mask)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for step in range(151):
+            if step:
+                ids = torch.cat([ids, torch.randint(1, VOCAB, (2, 1), generator=generator)], dim=-1)
+                mask = torch.cat([mask, mask.new_ones(2, 1)], dim=-1)
+            scores = last_logits(main, ids, mask) if step == 150 else torch.randn(2, VOCAB)
+            fused = processor(ids, scores)
+    expected = naive_scores([main, aux], lambda logits: weighted_logprobs(logits, [1.0, -0.5]), ids, mask)
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_reusing_a_processor_for_a_second_prompt_is_refused(models):
     ids, mask, _ = left_padded_prompts()
     processor = CollaborativeLogitsProcessor([models[1]], [0.5], attention_mask=mask)
@@ -464,6 +507,8 @@ def test_constructor_errors(models):
         CollaborativeLogitsProcessor(aux, [0.5])
     with pytest.raises(TypeError, match="output is fixed"):
         CollaborativeLogitsProcessor([aux], [0.5], output="logprobs")
+    with pytest.raises(TypeError, match="check_row_order must be a bool"):
+        ProxyTuningLogitsProcessor(aux, aux, check_row_order="no")
 
 
 def test_models_on_different_devices_are_refused(models):

@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor
 
 from .. import presets
-from .._validation import check_positive
+from .._validation import check_bool, check_positive
 from ..ops.fusion import PreparedFuseLogits, _canonical_grid, dynamic_fusion_weights
 
 
@@ -58,7 +58,8 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
     beam-search checks) are documented on `CollaborativeLogitsProcessor`.
     """
 
-    def __init__(self, models: Sequence[torch.nn.Module], attention_mask: Optional[torch.Tensor]):
+    def __init__(self, models: Sequence[torch.nn.Module], attention_mask: Optional[torch.Tensor],
+                 check_row_order: bool = True):
         if not models:
             raise ValueError("models must name at least one auxiliary model")
         devices = [_model_device(m) for m in models]
@@ -67,13 +68,16 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be [batch, prompt_length], got shape {tuple(attention_mask.shape)}")
         self.device = devices[0]
+        self.check_row_order = check_bool("check_row_order", check_row_order)
         self._auxiliary = [_AuxiliaryModelState(m) for m in models]
         self._prompt_mask = attention_mask
-        # The mask of every step is a view of one buffer: the prompt's mask, then ones for the tokens
-        # to come (grown by doubling), so a step costs no kernel for it.
+        # The mask and the position ids of every step are views of two buffers: the prompt's mask
+        # then ones for the tokens to come, and the positions of the tokens to come (both grown by
+        # doubling), so a step launches no kernel for them.
         self._mask_buffer: Optional[torch.Tensor] = None
+        self._position_buffer: Optional[torch.Tensor] = None  # [B, n]: positions of new tokens 1..n
+        self._prompt_length = 0
         self._length = 0  # columns of _mask_buffer seen by the auxiliary models
-        self._positions: Optional[torch.Tensor] = None  # [B, 1] position id of the last token seen
         self._seen_ids: Optional[torch.Tensor] = None  # input_ids of the previous call
 
     def _step_inputs(self, input_ids: torch.LongTensor):
@@ -92,10 +96,13 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
                     "pass attention_mask.repeat_interleave(n, dim=0)"
                 )
             mask = mask.to(device=self.device, dtype=torch.long)
-            self._mask_buffer = torch.cat([mask, mask.new_ones(batch, max(length, 64))], dim=-1)
+            capacity = max(length, 64)
+            self._mask_buffer = torch.cat([mask, mask.new_ones(batch, capacity)], dim=-1)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            self._positions = position_ids[:, -1:]
-            self._length = length
+            # The new tokens are attended (generate keeps feeding finished rows, unmasked), so the
+            # n-th one sits n places after the prompt's last position, as mask.sum(-1) - 1 gives.
+            self._position_buffer = position_ids[:, -1:] + torch.arange(1, capacity + 1, device=self.device)
+            self._prompt_length = self._length = length
             return input_ids, mask, position_ids
         if batch != self._mask_buffer.shape[0]:
             raise ValueError(
@@ -109,11 +116,12 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
             )
         if length > self._mask_buffer.shape[1]:
             self._mask_buffer = torch.cat([self._mask_buffer, torch.ones_like(self._mask_buffer)], dim=-1)
+        new_token = length - self._prompt_length  # 1 for the first generated token
+        if new_token > self._position_buffer.shape[1]:
+            grown = self._position_buffer + self._position_buffer.shape[1]
+            self._position_buffer = torch.cat([self._position_buffer, grown], dim=-1)
         self._length = length
-        # The new token is attended (generate keeps feeding finished rows, unmasked), so its
-        # position is the previous one plus one, as mask.sum(-1) - 1 would give.
-        self._positions = self._positions + 1
-        return input_ids[:, -1:], self._mask_buffer[:, :length], self._positions
+        return input_ids[:, -1:], self._mask_buffer[:, :length], self._position_buffer[:, new_token - 1 : new_token]
 
     def _auxiliary_logits(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
         """Each auxiliary model's next-token logits `[B, V_k]` after `input_ids`, in model order."""
@@ -121,11 +129,14 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
         return [aux.next_token_logits(new_ids, mask, position_ids) for aux in self._auxiliary]
 
     def _finish_step(self, input_ids: torch.LongTensor) -> None:
-        """Refuse rows that changed since the previous call: beam search reorders rows between
-        steps, which the auxiliary caches cannot follow. Subclasses call this after queuing the
-        step's work and before returning its scores: the check synchronises with the device (once
-        per step), and by then the host has queued the auxiliary forwards and the fusion behind
-        the main model's forward instead of waiting for it first."""
+        """Refuse rows that changed since the previous call (with check_row_order): beam search
+        reorders rows between steps, which the auxiliary caches cannot follow. Subclasses call
+        this after queuing the step's work and before returning its scores: the check
+        synchronises with the device (once per step), and by then the host has queued the
+        auxiliary forwards and the fusion behind the main model's forward instead of waiting for
+        it first."""
+        if not self.check_row_order:
+            return
         previous, self._seen_ids = self._seen_ids, input_ids
         if previous is not None and not torch.equal(input_ids[:, :-1], previous):
             raise ValueError(
@@ -174,6 +185,12 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
     this processor does not reorder the auxiliary caches. A batch size other than the prompt's
     raises, which also catches `num_beams > 1` when `attention_mask` is given; rows whose
     earlier tokens changed between steps raise too, so a cache is never used for another row.
+
+    check_row_order: that last check compares every row with the previous call's, which costs
+    one host synchronisation per step (the processor waits for the step's device work). Greedy
+    search and sampling never reorder rows: `check_row_order=False` drops the check and the
+    synchronisation, and is safe whenever no generation mode that reorders rows (beam search)
+    runs with this processor; with it, only the batch-size check above guards against beam search.
     """
 
     def __init__(
@@ -183,6 +200,7 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
         *,
         main_weight: float = 1.0,
         attention_mask: Optional[torch.Tensor] = None,
+        check_row_order: bool = True,
         **fusion_options,
     ):
         if isinstance(models, torch.nn.Module):
@@ -193,7 +211,7 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
             raise ValueError(f"got {len(weights)} weights for {len(models)} auxiliary models")
         if "output" in fusion_options:
             raise TypeError("output is fixed to 'logits': the result replaces the main model's scores")
-        super().__init__(models, attention_mask)
+        super().__init__(models, attention_mask, check_row_order)
         self.weights = [float(main_weight), *weights]
         self.fusion_options = fusion_options
         self._fuse = PreparedFuseLogits(output="logits", **fusion_options)
@@ -206,9 +224,10 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
         return self._to_main_width(fused, scores)
 
 
-def _preset_arguments(models, options: dict, attention_mask) -> dict:
+def _preset_arguments(models, options: dict, attention_mask, check_row_order) -> dict:
     weights = options.pop("weights")
-    return dict(models=models, weights=weights[1:], main_weight=weights[0], attention_mask=attention_mask, **options)
+    return dict(models=models, weights=weights[1:], main_weight=weights[0], attention_mask=attention_mask,
+                check_row_order=check_row_order, **options)
 
 
 class ContrastiveDecodingLogitsProcessor(CollaborativeLogitsProcessor):
@@ -235,6 +254,7 @@ class ContrastiveDecodingLogitsProcessor(CollaborativeLogitsProcessor):
         beta: Optional[float] = None,
         amateur_temperature: float = 1.0,
         attention_mask: Optional[torch.Tensor] = None,
+        check_row_order: bool = True,
     ):
         if beta is None:
             options = presets.contrastive_decoding(alpha=alpha, amateur_temperature=amateur_temperature)
@@ -246,7 +266,7 @@ class ContrastiveDecodingLogitsProcessor(CollaborativeLogitsProcessor):
                     "amateur_temperature at 1.0 or set beta=None"
                 )
             options = presets.cd_reasoning(beta=beta, alpha=alpha)
-        super().__init__(**_preset_arguments([amateur], options, attention_mask))
+        super().__init__(**_preset_arguments([amateur], options, attention_mask, check_row_order))
 
 
 class ProxyTuningLogitsProcessor(CollaborativeLogitsProcessor):
@@ -264,9 +284,10 @@ class ProxyTuningLogitsProcessor(CollaborativeLogitsProcessor):
         *,
         alpha: float = 1.0,
         attention_mask: Optional[torch.Tensor] = None,
+        check_row_order: bool = True,
     ):
         options = presets.proxy_tuning(alpha=alpha)
-        super().__init__(**_preset_arguments([tuned_small, base_small], options, attention_mask))
+        super().__init__(**_preset_arguments([tuned_small, base_small], options, attention_mask, check_row_order))
 
 
 class EFTLogitsProcessor(CollaborativeLogitsProcessor):
@@ -288,9 +309,10 @@ class EFTLogitsProcessor(CollaborativeLogitsProcessor):
         *,
         beta: float = 1.0,
         attention_mask: Optional[torch.Tensor] = None,
+        check_row_order: bool = True,
     ):
         options = presets.eft(beta=beta)
-        super().__init__(**_preset_arguments([ft_model, ref_model], options, attention_mask))
+        super().__init__(**_preset_arguments([ft_model, ref_model], options, attention_mask, check_row_order))
 
 
 class DynamicFusionLogitsProcessor(_AuxiliaryModelsProcessor):
@@ -319,13 +341,14 @@ class DynamicFusionLogitsProcessor(_AuxiliaryModelsProcessor):
         *,
         grid: Union[None, Sequence[float], torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        check_row_order: bool = True,
     ):
         experts = [experts] if isinstance(experts, torch.nn.Module) else list(experts)
         if not experts:
             raise ValueError("experts must name at least one tuned small model")
         if not isinstance(base_small, torch.nn.Module):
             raise TypeError(f"base_small must be a model (torch.nn.Module), got {type(base_small).__name__}")
-        super().__init__([*experts, base_small], attention_mask)
+        super().__init__([*experts, base_small], attention_mask, check_row_order)
         self.num_experts = len(experts)
         # Canonical once, on the models' device: a list grid would otherwise cost a host-to-device
         # copy every step.
