@@ -1,11 +1,13 @@
 """Compile-only check of the torch-free CUDA sources with nvcc (no GPU, no torch headers).
 
 Every csrc/cuda/*.cuh must compile on its own (self-contained headers) and every csrc/cuda/*.cu
-(the torch-free launchers, which instantiate the kernels) must compile to an object file.
+(the torch-free launchers, which instantiate the kernels) must compile to an object file, with no
+kernel spilling registers to local memory (ptxas -v).
 Architecture: the first entry of TORCH_CUDA_ARCH_LIST (default 9.0a).
 """
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -26,9 +28,22 @@ def nvcc_arch() -> str:
 
 def compile_unit(nvcc: str, source: Path, arch: str, workdir: str) -> tuple[Path, int, str]:
     obj = Path(workdir) / (source.name + ".o")
-    cmd = [nvcc, "-std=c++17", f"-arch={arch}", "-I", str(CSRC), "-c", str(source), "-o", str(obj)]
+    cmd = [nvcc, "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-I", str(CSRC), "-c", str(source), "-o", str(obj)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     return source, done.returncode, done.stdout + done.stderr
+
+
+def spilling_kernels(ptxas_report: str) -> list[str]:
+    """Kernels for which ptxas -v reports spill stores."""
+    spilling, function = [], None
+    for line in ptxas_report.splitlines():
+        named = re.search(r"Function properties for (\S+)", line)
+        if named:
+            function = named.group(1)
+        spills = re.search(r"(\d+) bytes spill stores", line)
+        if spills and int(spills.group(1)) > 0:
+            spilling.append(f"{function}: {line.strip()}")
+    return spilling
 
 
 def main() -> int:
@@ -45,6 +60,8 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             results = list(pool.map(lambda u: compile_unit(args.nvcc, u, arch, workdir), units))
     failed = [(src, out) for src, code, out in results if code != 0]
+    failed += [(src, "spills registers:\n" + "\n".join(spilling_kernels(out)))
+               for src, code, out in results if code == 0 and spilling_kernels(out)]
     for src, out in failed:
         print(f"FAILED {src.relative_to(ROOT) if src.is_relative_to(ROOT) else src.name}:\n{out}", file=sys.stderr)
     print(f"check_cuda_headers: {len(results) - len(failed)}/{len(results)} CUDA units compile for {arch}")
