@@ -1,0 +1,155 @@
+"""csrc/cuda's kernels and launchers run on the CPU through the CUDA emulator
+(tests/cuda_emulation): the checks of the CUDA test suite that the emulator can afford, so that a
+change to a CUDA kernel is exercised in CI and not first on the GPU machine.
+
+The emulated kernels stand in for the "cpu" backend while a test runs (the `emulated` fixture), so
+the shared check helpers call them through the public API and compare them with the reference;
+sampling is also compared token for token with the C++ CPU kernel, which draws the same Philox
+stream. The emulated device has few SMs, so rows split into few chunks; `SPLIT_DEVICE` gives it
+more, so that the multi-block paths (partials, the last block's fold) run as well.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from collab_ops import _dispatch
+from collab_ops.ops.fusion import fused_sample
+from collab_ops.ops.speculative import speculative_verify
+
+import fused_sample_checks as sample_checks
+import speculative_kernel_checks as speculative_checks
+from fusion_kernel_checks import check_dynamic_fusion_case, check_fusion_case, dynamic_fusion_cases, fusion_cases
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
+import build as emulator_build  # noqa: E402
+
+OPS = ("fuse_logits", "fused_sample", "speculative_verify", "dynamic_fusion_weights")
+SMALL_DEVICE = (2, 2)  # SMs, blocks per SM
+SPLIT_DEVICE = (16, 4)
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    if "cpu" not in _dispatch.registered_backends("fused_sample"):
+        pytest.skip("the compiled extension (its argument builders) is not built")
+    return emulator_build.load()
+
+
+@pytest.fixture(params=[SMALL_DEVICE, SPLIT_DEVICE], ids=["few-blocks", "many-blocks"])
+def emulated(request, emulator, monkeypatch):
+    """The "cpu" backend of every emulated op runs the emulated CUDA kernels."""
+    emulator.set_device(*request.param)
+    for op in OPS:
+        real = _dispatch._REGISTRY[op]["cpu"]
+        monkeypatch.setitem(_dispatch._REGISTRY[op], "cpu",
+                            _dispatch.Implementation(op, "cpu", getattr(emulator, op), real.supports))
+    return emulator
+
+
+def real_cpu_kernel(op):
+    """The C++ CPU kernel's implementation, whatever the fixture has put in the registry."""
+    return lambda *args, **kwargs: getattr(torch.ops.collab_ops, op)(*args, **kwargs)
+
+
+# --- fuse_logits and dynamic_fusion_weights ------------------------------------------------------
+
+FUSION_CASES = [case for case in fusion_cases()]
+
+
+@pytest.mark.parametrize("index", range(len(FUSION_CASES)))
+def test_fuse_logits_matches_the_reference(emulated, index):
+    check_fusion_case("cpu", "cpu", FUSION_CASES[index], seed=2000 + index)
+
+
+DYNAMIC_CASES = list(dynamic_fusion_cases())
+
+
+@pytest.mark.parametrize("index", range(len(DYNAMIC_CASES)))
+def test_dynamic_fusion_weights_match_the_reference(emulated, index):
+    check_dynamic_fusion_case("cpu", "cpu", DYNAMIC_CASES[index], seed=4000 + index)
+
+
+# --- fused_sample ----------------------------------------------------------------------------------
+
+GREEDY_CASES = list(sample_checks.greedy_cases())
+
+
+@pytest.mark.parametrize("index", range(len(GREEDY_CASES)))
+def test_greedy_sampling_equals_the_reference(emulated, index):
+    sample_checks.check_greedy_case("cpu", "cpu", GREEDY_CASES[index], seed=300 + index)
+
+
+def test_greedy_takes_the_first_of_tied_maxima(emulated):
+    sample_checks.check_greedy_takes_the_first_of_tied_maxima("cpu", "cpu")
+
+
+def test_rows_without_a_token(emulated):
+    sample_checks.check_rows_without_a_token("cpu", "cpu")
+
+
+def test_kept_sets_include_ties(emulated):
+    sample_checks.check_kept_sets_include_ties("cpu", "cpu", rows=400)
+
+
+def test_skipping_never_changes_the_token(emulated):
+    sample_checks.check_skipping_never_changes_the_token("cpu", "cpu", batch=6, vocab=8009)
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(temperature=0.7, min_p=0.02), dict(top_k=40, top_p=0.9), dict(plausibility_alpha=0.01)]
+)
+def test_sampled_tokens_equal_the_cpu_kernels(emulated, options):
+    g = torch.Generator().manual_seed(4)
+    logits = [(torch.randn(6, 20011, generator=g) * 3).to(torch.bfloat16) for _ in range(3)]
+    for seed in (torch.tensor(123), torch.arange(6) * 31 + 1):
+        kwargs = dict(seed=seed, **options)
+        emulated_tokens = fused_sample(logits, [1.0, 1.0, -1.0], backend="cpu", **kwargs)
+        with pytest.MonkeyPatch.context() as undo:
+            undo.setitem(_dispatch._REGISTRY["fused_sample"], "cpu", _dispatch.Implementation(
+                "fused_sample", "cpu", real_cpu_kernel("fused_sample"), None))
+            cpu_tokens = fused_sample(logits, [1.0, 1.0, -1.0], backend="cpu", **kwargs)
+        assert torch.equal(emulated_tokens, cpu_tokens), (options, emulated_tokens.tolist(), cpu_tokens.tolist())
+
+
+# --- speculative_verify ----------------------------------------------------------------------------
+
+SPECULATIVE_GREEDY = speculative_checks.GREEDY_CASES
+
+
+@pytest.mark.parametrize("index", range(len(SPECULATIVE_GREEDY)))
+def test_speculative_greedy_matches_the_reference(emulated, index):
+    batch, num_drafts, vocab, inputs, dtype, layout, num_targets = SPECULATIVE_GREEDY[index]
+    case = speculative_checks.greedy_case(batch, num_drafts, vocab, seed=50 + index, inputs=inputs, dtype=dtype,
+                                          layout=layout, num_targets=num_targets)
+    speculative_checks.assert_same_as_reference("cpu", "cpu", case, mode="greedy")
+
+
+@pytest.mark.parametrize("inputs", ["probs", "logits"])
+def test_speculative_sampling_accepts_as_the_cpu_kernel(emulated, inputs):
+    """Acceptance draws the same Philox uniforms on both backends: only rounding of p and q may
+    differ (the final token is drawn differently, so it is not compared)."""
+    generator = torch.Generator().manual_seed(8)
+    target = torch.randn(48, 5, 3001, generator=generator)
+    draft = torch.randn(48, 4, 3001, generator=generator)
+    if inputs == "probs":
+        target, draft = target.softmax(-1), draft.softmax(-1)
+    draft_tokens = torch.multinomial(draft.softmax(-1).reshape(-1, 3001), 1, generator=generator).reshape(48, 4)
+    seeds = torch.randint(-(2**62), 2**62, (48,), generator=generator)
+    emulated_out = speculative_verify(draft_tokens, target, draft, inputs=inputs, seed=seeds, return_accepted=True,
+                                      backend="cpu")
+    with pytest.MonkeyPatch.context() as undo:
+        undo.setitem(_dispatch._REGISTRY["speculative_verify"], "cpu", _dispatch.Implementation(
+            "speculative_verify", "cpu", real_cpu_kernel("speculative_verify"), None))
+        cpu_out = speculative_verify(draft_tokens, target, draft, inputs=inputs, seed=seeds, return_accepted=True,
+                                     backend="cpu")
+    assert (emulated_out[2] == cpu_out[2]).float().mean() >= 0.99
+    assert int(cpu_out[2].sum()) > 0
+    # Every emitted token is a drafted one up to the number accepted, then one more, then -1.
+    tokens, emitted, accepted = emulated_out
+    for row in range(48):
+        n = int(accepted[row])
+        assert int(emitted[row]) == n + 1
+        assert torch.equal(tokens[row, :n], draft_tokens[row, :n])
+        assert int(tokens[row, n]) >= 0 and bool((tokens[row, n + 1 :] == -1).all())
