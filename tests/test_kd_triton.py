@@ -201,6 +201,25 @@ def test_kd_loss_vocab_size_and_low_precision(reduction):
     torch.testing.assert_close(grad, expected_grad, rtol=2e-3, atol=1e-5)  # fp16 gradient storage
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_kd_loss_backward_with_grad_output_one_keeps_the_forward_gradient(reduction):
+    """loss.backward(): the gradient written in forward is returned as it is (its rows are not
+    rescaled); a second backward through the same graph is refused."""
+    student, teacher = randn(7, 300, seed=110, scale=3.0), randn(7, 300, seed=111, scale=3.0)
+    labels = torch.tensor([3, -100, 5, 299, 0, 17, 42], device=DEVICE)
+    options = dict(divergence="forward_kl", hard_weight=0.5, reduction=reduction)
+    grads = {}
+    for backend in ("triton", "reference"):
+        leaf = student.detach().clone().requires_grad_(True)
+        loss = ops.kd_loss(leaf, teacher, labels, backend=backend, **options)
+        loss.backward(retain_graph=True)
+        grads[backend] = leaf.grad
+        if backend == "triton":
+            with pytest.raises(RuntimeError, match="single backward"):
+                loss.backward()
+    torch.testing.assert_close(grads["triton"], grads["reference"], **TOL)
+
+
 def test_sparse_teacher_is_refused_with_a_reason():
     student = randn(3, 10, seed=95)
     log_probs, ids = torch.log_softmax(randn(3, 10, seed=96), -1).topk(2, dim=-1)

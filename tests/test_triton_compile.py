@@ -111,6 +111,12 @@ def test_kd_row_kernel_compiles_for_the_h100(divergence, tmp_path):
                                    tmp_path)
 
 
+def test_gradient_scaling_kernel_compiles_for_the_h100(tmp_path):
+    types = dict(grad_ptr="*bf16", grad_row_stride="i64", width="i32", scale_ptr="*fp32", scale_stride="i64")
+    assert_compiles_without_spills("collab_ops.triton.kd_kernels", "scale_rows_kernel", types, dict(BLOCK_V=4096), 16,
+                                   tmp_path)
+
+
 if __name__ == "__main__":
     module, kernel_name, types, constexprs, num_warps, out = sys.argv[1:]
     compile_to_ptx(module, kernel_name, json.loads(types), json.loads(constexprs), int(num_warps), Path(out))

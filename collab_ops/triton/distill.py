@@ -1,9 +1,14 @@
 """Triton backend of kd_loss and fused_linear_kd_loss (canonical signatures: collab_ops.ops.distill).
 
-kd_loss: forward runs the row kernel for the loss and keeps four fp32 numbers per row (the
-normalisers and C); backward runs it once more, reading both logit rows and writing the
-gradient scaled by grad_output. That is the fewest bytes for forward + backward: a forward that
-also wrote the gradient would need an extra pass in backward to scale it by grad_output.
+kd_loss with reduction "mean"/"sum": one launch of the row kernel computes the loss and writes
+the gradient (for grad_output 1), re-reading each row right after its first pass, backwards, so
+that much of it still sits in L2; backward scales that gradient by grad_output in place, and a
+row program whose scale is 1 (the usual loss.backward()) returns without touching it. Forward +
+backward then reads both logit rows about once from memory and writes the gradient once, where a
+separate backward launch would read both rows a second time. (The gradient is allocated in forward
+and held until backward; a grad_output other than 1 rounds it to the logits' dtype twice.) With
+reduction "none" the per-row weights come only with backward, so forward keeps four fp32 numbers
+per row (the normalisers and C) and backward runs the kernel's gradient pass with them.
 
 fused_linear_kd_loss (the Liger approach): positions are taken chunk_size at a time; per chunk the
 student's logits (and the teacher's) come from cuBLAS in the input dtype with fp32 accumulation,
@@ -181,36 +186,65 @@ def _reduce(per_position: torch.Tensor, reduction: str, denominator: Optional[to
     return total / denominator if reduction == "mean" else total
 
 
-def _grad_scale(grad_output: torch.Tensor, reduction: str, denominator: Optional[torch.Tensor]) -> torch.Tensor:
-    """grad_output as the kernel's row_scale: [rows] for "none", else one number for every row."""
-    scale = grad_output.to(torch.float32)
-    if reduction == "mean":
-        scale = scale / denominator
-    return scale.reshape(-1).contiguous()
+def _row_scale(grad_output: torch.Tensor) -> torch.Tensor:
+    """The per-position grad_output of reduction "none" as the kernel's row_scale."""
+    return grad_output.to(torch.float32).reshape(-1).contiguous()
+
+
+def scale_rows_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad[row] *= scale[row] ([rows], or [1] for every row), leaving rows whose scale is 1 untouched."""
+    rows = grad.shape[0]
+    if rows == 0:
+        return
+    block, num_warps = _block_config(grad.shape[1], grad.device)
+    _kernels().scale_rows_kernel[(rows,)](grad, grad.stride(0), grad.shape[1], scale, 1 if scale.numel() > 1 else 0,
+                                          BLOCK_V=block, num_warps=num_warps)
 
 
 class _KDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, labels, spec, vocab, reduction, denominator):
         rows = student_logits.shape[0]
-        per_position = torch.empty(rows, dtype=torch.float32, device=student_logits.device)
+        device = student_logits.device
+        per_position = torch.empty(rows, dtype=torch.float32, device=device)
         needs_grad = ctx.needs_input_grad[0]
-        stats = None
-        if needs_grad:
-            stats = torch.empty((rows, _kernels().NUM_STATS.value), dtype=torch.float32, device=student_logits.device)
-        launch_rows(spec, student=student_logits, teacher=teacher_logits if spec.has_soft else None, labels=labels,
-                    vocab=vocab, loss=per_position, stats=stats)
+        teacher = teacher_logits if spec.has_soft else None
         ctx.spec, ctx.vocab, ctx.reduction = spec, vocab, reduction
-        ctx.save_for_backward(student_logits, teacher_logits, labels, stats, denominator)
+        ctx.eager = needs_grad and reduction != "none"
+        if ctx.eager:
+            grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=device)
+            ones = torch.ones(1, dtype=torch.float32, device=device)
+            launch_rows(spec, student=student_logits, teacher=teacher, labels=labels, vocab=vocab, loss=per_position,
+                        grad=grad, row_scale=ones / denominator if reduction == "mean" else ones)
+            ctx.save_for_backward(grad)
+            ctx.grad_consumed = False
+        else:
+            stats = None
+            if needs_grad:
+                stats = torch.empty((rows, _kernels().NUM_STATS.value), dtype=torch.float32, device=device)
+            launch_rows(spec, student=student_logits, teacher=teacher, labels=labels, vocab=vocab, loss=per_position,
+                        stats=stats)
+            if needs_grad:
+                ctx.save_for_backward(student_logits, teacher_logits, labels, stats)
         return _reduce(per_position, reduction, denominator)
 
     @staticmethod
     def backward(ctx, grad_output):
-        student_logits, teacher_logits, labels, stats, denominator = ctx.saved_tensors
+        if ctx.eager:
+            if ctx.grad_consumed:
+                raise RuntimeError(
+                    "kd_loss (triton) with reduction 'mean'/'sum' computes its gradient in forward and scales it in "
+                    "place in backward, so its graph supports a single backward; call the op again for a second one"
+                )
+            ctx.grad_consumed = True
+            (grad,) = ctx.saved_tensors
+            scale_rows_in_place(grad, grad_output.to(torch.float32).reshape(1))
+            return grad, None, None, None, None, None, None
+        student_logits, teacher_logits, labels, stats = ctx.saved_tensors
         grad = torch.empty(student_logits.shape, dtype=student_logits.dtype, device=student_logits.device)
         launch_rows(ctx.spec, student=student_logits, teacher=teacher_logits if ctx.spec.has_soft else None,
                     labels=labels, vocab=ctx.vocab, stats=stats, load_stats=True, grad=grad,
-                    row_scale=_grad_scale(grad_output, ctx.reduction, denominator))
+                    row_scale=_row_scale(grad_output))
         return grad, None, None, None, None, None, None
 
 
@@ -343,7 +377,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         else:
             student_hidden, student_weight, student_bias, *teacher, labels = ctx.saved_tensors
             grads = run_chunks(ctx.plan, student_hidden, student_weight, student_bias, *teacher, labels,
-                               per_position=None, row_scale=_grad_scale(grad_output, "none", None),
+                               per_position=None, row_scale=_row_scale(grad_output),
                                wanted=tuple(ctx.needs_input_grad[:3]))
         return (*grads, None, None, None, None, None, None, None)
 

@@ -292,3 +292,18 @@ def kd_rows_kernel(
                 grad = grad * (1.0 - (x / softcap) * (x / softcap))
             grad = tl.where(in_vocab, grad, 0.0)
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < grad_width)
+
+
+@triton.jit
+def scale_rows_kernel(grad_ptr, grad_row_stride, width, scale_ptr, scale_stride, BLOCK_V: tl.constexpr):
+    """grad[row] *= scale[row · scale_stride], skipped (no traffic) where the scale is 1: kd_loss's
+    backward with the gradient its forward already wrote, for the usual grad_output of 1."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row * scale_stride)
+    if scale != 1.0:
+        grad_row = grad_ptr + row * grad_row_stride
+        for start in range(0, width, BLOCK_V):
+            cols = start + tl.arange(0, BLOCK_V)
+            in_row = cols < width
+            g = tl.load(grad_row + cols, mask=in_row, other=0.0).to(tl.float32)
+            tl.store(grad_row + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
