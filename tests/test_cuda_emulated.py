@@ -3,9 +3,10 @@
 change to a CUDA kernel is exercised in CI and not first on the GPU machine.
 
 The emulated kernels stand in for the "cpu" backend while a test runs (the `emulated` fixture), so
-the shared check helpers call them through the public API and compare them with the reference;
-sampling is also compared token for token with the C++ CPU kernel, which draws the same Philox
-stream. The emulated device has few SMs, so rows split into few chunks; `SPLIT_DEVICE` gives it
+the shared check helpers call them through the public API and compare them with the reference.
+fused_sample is compared token for token with the C++ CPU kernel, which draws the same Philox
+stream and has its own statistical tests; speculative_verify draws its final token differently
+from the CPU kernel, so its losslessness tests run on the emulated kernel too. The emulated device has few SMs, so rows split into few chunks; `SPLIT_DEVICE` gives it
 more, so that the multi-block paths (partials, the last block's fold) run as well.
 """
 import sys
@@ -153,3 +154,23 @@ def test_speculative_sampling_accepts_as_the_cpu_kernel(emulated, inputs):
         assert int(emitted[row]) == n + 1
         assert torch.equal(tokens[row, :n], draft_tokens[row, :n])
         assert int(tokens[row, n]) >= 0 and bool((tokens[row, n + 1 :] == -1).all())
+
+
+# The losslessness tests of the CPU suite on the emulated race (20000 rows of a 6-token vocabulary
+# each; the probability-input ones, since logits only add the normaliser launch checked above).
+STATISTICAL_TESTS = [
+    "test_sampled_drafts_with_probabilities_are_lossless",
+    "test_drafts_without_probabilities_are_lossless",
+    "test_ragged_drafts_are_lossless",
+    "test_empty_residual_falls_back_to_the_target",
+    "test_unnormalised_probabilities_are_used_as_given",
+]
+
+
+@pytest.mark.parametrize("emulated", [SMALL_DEVICE], indirect=True, ids=["few-blocks"])
+@pytest.mark.parametrize("name", STATISTICAL_TESTS)
+def test_speculative_sampling_is_lossless(emulated, name):
+    import test_speculative_stats as stats
+
+    getattr(stats, name)(backend="cpu")
+

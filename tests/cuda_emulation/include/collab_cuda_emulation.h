@@ -59,10 +59,12 @@ constexpr size_t kStackBytes = 64 * 1024;
 
 enum class Wait { kNone, kBlock, kWarp };
 
+// A fiber lives for the whole process: it runs thread t of one block after another (entry()'s
+// loop), so only its first block starts it with setcontext (a system call).
 struct Fiber {
   ucontext_t start;                // entry on the fiber's own stack
-  jmp_buf resume;                  // where it yielded
-  std::unique_ptr<char[]> stack;  // uninitialised: zeroing every block's stacks would dominate
+  jmp_buf resume;                  // where it yielded, or finished its last block
+  std::unique_ptr<char[]> stack;  // uninitialised: zeroing it would dominate small launches
   Wait wait = Wait::kNone;
   bool started = false;
   bool done = false;
@@ -112,13 +114,13 @@ class Block {
       if (!f.stack) {
         f.stack.reset(new char[kStackBytes]);
         getcontext(&f.start);
+        f.start.uc_stack.ss_sp = f.stack.get();
+        f.start.uc_stack.ss_size = kStackBytes;
+        f.start.uc_link = nullptr;  // entry() never returns
+        makecontext(&f.start, reinterpret_cast<void (*)()>(&Block::entry), 0);
       }
       f.wait = Wait::kNone;
-      f.started = f.done = false;
-      f.start.uc_stack.ss_sp = f.stack.get();
-      f.start.uc_stack.ss_size = kStackBytes;
-      f.start.uc_link = nullptr;  // entry() never returns: it jumps back to the scheduler
-      makecontext(&f.start, reinterpret_cast<void (*)()>(&Block::entry), 0);
+      f.done = false;
     }
     exchange_.assign(static_cast<size_t>(threads_), 0);
     flags_.assign(static_cast<size_t>(threads_), 0);
@@ -159,10 +161,13 @@ class Block {
 
  private:
   static void entry() {
-    Block* self = current();
-    (*self->body_)();
-    fiber_pool()[self->running_].done = true;
-    _longjmp(self->scheduler_, 1);
+    for (;;) {
+      Block* self = current();
+      (*self->body_)();
+      Fiber& f = fiber_pool()[self->running_];
+      f.done = true;
+      if (_setjmp(f.resume) == 0) _longjmp(self->scheduler_, 1);  // resumed by the next block
+    }
   }
 
   void set_thread_index(int t, const dim3& block) {
