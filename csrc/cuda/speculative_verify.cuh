@@ -412,11 +412,21 @@ __global__ void __launch_bounds__(kThreads) normaliser_kernel(SpeculativeParams 
 }
 
 // One race entry: column col with target probability p_x and mass m_x = max(0, p_x - q_x).
+// A column of mass m can only beat a race's best key b if its exponential E = -log1p(-u) is at most
+// m / b, and E >= u: a uniform above (m / b)·(1 + kRaceReachMargin) in both races skips the
+// logarithm and the division. The margin covers the rounding of E and of the key, so skipping
+// never changes a winner. After a thread's first few columns nearly every column is skipped.
+constexpr float kRaceReachMargin = 1e-3f;
+
 struct RaceVisitor {
   RaceState state;
   int64_t seed;
   int64_t cached_group;
   Philox4 bits;
+  // (1 + margin) / best key of each race; +inf before the race has a winner (or when the best key
+  // is +inf, where only a tie on a lower column could still win).
+  float residual_reach = INFINITY;
+  float target_reach = INFINITY;
 
   __device__ __forceinline__ void enter(int64_t col, float p_x, float residual) {
     const int64_t group = col >> 2;
@@ -427,19 +437,24 @@ struct RaceVisitor {
     // Selects, not an indexed load: a runtime index would put the four words in local memory.
     const int word = static_cast<int>(col & 3);
     const uint32_t random = word == 0 ? bits.v[0] : (word == 1 ? bits.v[1] : (word == 2 ? bits.v[2] : bits.v[3]));
+    const bool residual_races = residual > 0.f, target_races = p_x > 0.f;
+    const float reach = fmaxf(residual_races ? residual * residual_reach : 0.f, target_races ? p_x * target_reach : 0.f);
+    if (!(uniform_open01(random) <= reach)) return;
     const float inv_exponential = 1.f / race_exponential(random);
-    if (residual > 0.f) {
+    if (residual_races) {
       const float key = residual * inv_exponential;
       if (race_beats(key, col, state.residual_key, state.residual_col)) {
         state.residual_key = key;
         state.residual_col = col;
+        residual_reach = key < INFINITY ? (1.f + kRaceReachMargin) / key : INFINITY;
       }
     }
-    if (p_x > 0.f) {
+    if (target_races) {
       const float key = p_x * inv_exponential;
       if (race_beats(key, col, state.target_key, state.target_col)) {
         state.target_key = key;
         state.target_col = col;
+        target_reach = key < INFINITY ? (1.f + kRaceReachMargin) / key : INFINITY;
       }
     }
   }
