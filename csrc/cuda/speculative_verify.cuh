@@ -218,7 +218,7 @@ __device__ T merge_published(const T* partials, int count, T identity, Merge mer
 
 __device__ __forceinline__ int scalar_bytes(ScalarKind kind) { return kind == ScalarKind::kFloat32 ? 4 : 2; }
 
-// The 4 (fp32) or 8 (bf16, fp16) values of the 16 aligned bytes at `address`.
+// The 4 (fp32, then 4 zeros) or 8 (bf16, fp16) values of the 16 aligned bytes at `address`.
 __device__ __forceinline__ void load_vector(const char* address, ScalarKind kind, float (&values)[8]) {
   const uint4 raw = __ldg(reinterpret_cast<const uint4*>(address));
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
@@ -226,6 +226,7 @@ __device__ __forceinline__ void load_vector(const char* address, ScalarKind kind
   for (int i = 0; i < 4; ++i) {
     if (kind == ScalarKind::kFloat32) {
       values[i] = __uint_as_float(words[i]);
+      values[4 + i] = 0.f;
     } else if (kind == ScalarKind::kBFloat16) {
       values[2 * i] = bfloat16_to_float(static_cast<uint16_t>(words[i] & 0xffffu));
       values[2 * i + 1] = bfloat16_to_float(static_cast<uint16_t>(words[i] >> 16));
