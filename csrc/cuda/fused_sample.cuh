@@ -49,12 +49,11 @@ struct SampleLayout {
   int64_t chunk_columns;  // a multiple of kColumnsPerSweep
 };
 
-struct MaxOp {
-  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
-};
-struct BetterOp {
-  __device__ __forceinline__ Candidate operator()(const Candidate& a, const Candidate& b) const {
-    return better_candidate(a, b);
+// Partials fold in any order (max, or, and a total order on candidates): one block reduction
+// carries all three, so a block and the row's fold each wait at one reduction, not three.
+struct MergePartials {
+  __device__ __forceinline__ ChunkPartial operator()(const ChunkPartial& a, const ChunkPartial& b) const {
+    return ChunkPartial{better_candidate(a.best, b.best), fmaxf(a.max, b.max), a.no_token | b.no_token};
   }
 };
 
@@ -221,19 +220,13 @@ __global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chu
       }
     }
   }
-  const bool any_undefined = __syncthreads_or(undefined);
-  using MaxReduce = cub::BlockReduce<float, kSampleThreads>;
-  using BestReduce = cub::BlockReduce<Candidate, kSampleThreads>;
-  __shared__ union {
-    typename MaxReduce::TempStorage max;
-    typename BestReduce::TempStorage best;
-  } storage;
+  using PartialReduce = cub::BlockReduce<ChunkPartial, kSampleThreads>;
+  __shared__ typename PartialReduce::TempStorage storage;
   __shared__ bool folds_the_row;
-  const float block_max = MaxReduce(storage.max).Reduce(local_max, MaxOp());
-  __syncthreads();
-  const Candidate block_best = BestReduce(storage.best).Reduce(best, BetterOp());
+  const ChunkPartial block = PartialReduce(storage).Reduce(ChunkPartial{best, local_max, undefined ? 1 : 0},
+                                                           MergePartials());
   if (threadIdx.x == 0) {
-    layout.partials[blockIdx.x] = ChunkPartial{block_best, block_max, any_undefined ? 1 : 0};
+    layout.partials[blockIdx.x] = block;
     __threadfence();  // the partial is visible before the arrival is counted
     folds_the_row = atomicAdd(&layout.rows[row].arrived, 1u) == layout.chunks - 1;
   }
@@ -242,19 +235,14 @@ __global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chu
 
   // The row's last block: fold every chunk's partial into the row state.
   __threadfence();
-  Candidate row_best = no_candidate();
-  float row_max = -INFINITY;
-  bool no_token = false;
+  ChunkPartial part = ChunkPartial{no_candidate(), -INFINITY, 0};
   for (int64_t c = threadIdx.x; c < layout.chunks; c += kSampleThreads) {
-    const ChunkPartial part = load_partial(layout.partials + row * layout.chunks + c);
-    row_best = better_candidate(row_best, part.best);
-    row_max = fmaxf(row_max, part.max);
-    no_token |= part.no_token != 0;
+    part = MergePartials()(part, load_partial(layout.partials + row * layout.chunks + c));
   }
-  no_token = __syncthreads_or(no_token) || state.no_token != 0;
-  row_max = MaxReduce(storage.max).Reduce(row_max, MaxOp());
-  __syncthreads();
-  row_best = BestReduce(storage.best).Reduce(row_best, BetterOp());
+  const ChunkPartial folded = PartialReduce(storage).Reduce(part, MergePartials());
+  const bool no_token = folded.no_token != 0 || state.no_token != 0;
+  const float row_max = folded.max;
+  const Candidate row_best = folded.best;
   if (threadIdx.x != 0) return;
   RowState& out = layout.rows[row];
   out.arrived = 0;  // the next pass counts from zero
