@@ -3,19 +3,23 @@ them to PTX and its bundled ptxas assembles them, so a kernel that the interpret
 GPU compiler rejects (types, layouts, unsupported ops) fails here, in CI, and not first on the
 GPU machine. ptxas also reports spills to local memory, which the kernels must not have.
 
-The compilation runs in a child process: the test session sets TRITON_INTERPRET=1, under which
-`triton.jit` makes interpreter functions that cannot be compiled.
+The compilation runs in one child process for every case: the test session sets
+TRITON_INTERPRET=1, under which `triton.jit` makes interpreter functions that cannot be compiled.
 
-    python tests/test_triton_compile.py MODULE KERNEL TYPES_JSON CONSTEXPRS_JSON NUM_WARPS OUT.ptx
+    python tests/test_triton_compile.py CASES.json OUT_DIR   # writes OUT_DIR/<case>.ptx or .error
 """
 import json
 import os
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
+
+pytest.importorskip("triton")
+from collab_ops.triton.kd_kernels import DIVERGENCE_CODES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,34 +33,33 @@ KD_SCALARS = dict(student_ptr="*bf16", student_row_stride="i64", teacher_ptr="*b
                   ignore_index="i64")
 
 
-def compile_to_ptx(module: str, kernel_name: str, types: dict, constexprs: dict, num_warps: int, out: Path):
-    """The child process's work: the kernel's PTX for sm_90a."""
+def compile_cases_to_ptx(cases: dict, out_dir: Path) -> None:
+    """The child process's work: each case's PTX for sm_90a, or the error that stopped it."""
     import importlib
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = getattr(importlib.import_module(module), kernel_name)
-    signature = {name: "constexpr" if name in constexprs else types[name] for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps))
-    out.write_text(compiled.asm["ptx"])
+    for name, (module, kernel_name, types, constexprs, num_warps) in cases.items():
+        try:
+            kernel = getattr(importlib.import_module(module), kernel_name)
+            signature = {arg: "constexpr" if arg in constexprs else types[arg] for arg in kernel.arg_names}
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=num_warps))
+            (out_dir / f"{name}.ptx").write_text(compiled.asm["ptx"])
+        except Exception:  # reported by the case's test
+            (out_dir / f"{name}.error").write_text(traceback.format_exc())
 
 
-def assert_compiles_without_spills(module, kernel_name, types, constexprs, num_warps, tmp_path):
-    triton = pytest.importorskip("triton")
+def assert_assembles_without_spills(ptx_dir: Path, name: str, tmp_path: Path) -> None:
+    error = ptx_dir / f"{name}.error"
+    assert not error.exists(), error.read_text()[-4000:]
+    import triton
+
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip("this triton wheel brings no ptxas")
-    ptx = tmp_path / "kernel.ptx"
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, __file__, module, kernel_name, json.dumps(types), json.dumps(constexprs),
-                           str(num_warps), str(ptx)], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-4000:]
-    done = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(tmp_path / "kernel.cubin")],
-                          capture_output=True, text=True)
+    done = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx_dir / f"{name}.ptx"), "-o",
+                           str(tmp_path / "kernel.cubin")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill stores", done.stderr)]
     assert spills and max(spills) == 0, done.stderr
@@ -86,37 +89,48 @@ FUSION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", range(len(FUSION_CASES)))
-def test_fusion_kernels_compile_for_the_h100(case, tmp_path):
-    name, dtypes, constexprs, num_warps = FUSION_CASES[case]
-    assert_compiles_without_spills("collab_ops.triton.fusion_kernels", name,
-                                   {**FUSION_SCALARS, **model_pointers(dtypes)}, constexprs, num_warps, tmp_path)
-
-
 KD_FLAGS = dict(HAS_LABELS=True, HAS_SOFT=True, HAS_HARD=False, HARD_SHARES_SOFT_STATS=False, SOFTCAP_STUDENT=False,
                 SOFTCAP_TEACHER=False, LOAD_STATS=False, STORE_STATS=True, WRITE_LOSS=True, WRITE_GRAD=True,
                 BLOCK_V=4096)
 
 
-DIVERGENCES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+def all_cases() -> dict:
+    """name -> (module, kernel, argument types, constexprs, num_warps)."""
+    cases = {}
+    for index, (kernel, dtypes, constexprs, num_warps) in enumerate(FUSION_CASES):
+        cases[f"fusion-{index}"] = ("collab_ops.triton.fusion_kernels", kernel,
+                                    {**FUSION_SCALARS, **model_pointers(dtypes)}, constexprs, num_warps)
+    for divergence, code in DIVERGENCE_CODES.items():
+        constexprs = dict(KD_FLAGS, DIVERGENCE=code, HAS_HARD=divergence == "forward_kl",
+                          SOFTCAP_STUDENT=divergence == "jsd")
+        cases[f"kd-{divergence}"] = ("collab_ops.triton.kd_kernels", "kd_rows_kernel", KD_SCALARS, constexprs, 8)
+    cases["kd-scale-rows"] = ("collab_ops.triton.kd_kernels", "scale_rows_kernel",
+                              dict(grad_ptr="*bf16", grad_row_stride="i64", width="i32", scale_ptr="*fp32",
+                                   scale_stride="i64"), dict(BLOCK_V=4096), 16)
+    return cases
 
 
-@pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_kd_row_kernel_compiles_for_the_h100(divergence, tmp_path):
-    from collab_ops.triton.kd_kernels import DIVERGENCE_CODES
+@pytest.fixture(scope="module")
+def ptx_dir(tmp_path_factory):
+    import triton
 
-    constexprs = dict(KD_FLAGS, DIVERGENCE=DIVERGENCE_CODES[divergence], HAS_HARD=divergence == "forward_kl",
-                      SOFTCAP_STUDENT=divergence == "jsd")
-    assert_compiles_without_spills("collab_ops.triton.kd_kernels", "kd_rows_kernel", KD_SCALARS, constexprs, 8,
-                                   tmp_path)
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton wheel brings no ptxas")
+    out = tmp_path_factory.mktemp("ptx")
+    (out / "cases.json").write_text(json.dumps(all_cases()))
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, __file__, str(out / "cases.json"), str(out)], capture_output=True,
+                          text=True, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
 
 
-def test_gradient_scaling_kernel_compiles_for_the_h100(tmp_path):
-    types = dict(grad_ptr="*bf16", grad_row_stride="i64", width="i32", scale_ptr="*fp32", scale_stride="i64")
-    assert_compiles_without_spills("collab_ops.triton.kd_kernels", "scale_rows_kernel", types, dict(BLOCK_V=4096), 16,
-                                   tmp_path)
+@pytest.mark.parametrize("name", sorted(all_cases()))
+def test_triton_kernels_compile_for_the_h100_without_spills(ptx_dir, name, tmp_path):
+    assert_assembles_without_spills(ptx_dir, name, tmp_path)
 
 
 if __name__ == "__main__":
-    module, kernel_name, types, constexprs, num_warps, out = sys.argv[1:]
-    compile_to_ptx(module, kernel_name, json.loads(types), json.loads(constexprs), int(num_warps), Path(out))
+    cases_file, out_dir = sys.argv[1:]
+    compile_cases_to_ptx(json.loads(Path(cases_file).read_text()), Path(out_dir))
