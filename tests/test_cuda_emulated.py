@@ -6,9 +6,11 @@ The emulated kernels stand in for the "cpu" backend while a test runs (the `emul
 the shared check helpers call them through the public API and compare them with the reference.
 fused_sample is compared token for token with the C++ CPU kernel, which draws the same Philox
 stream and has its own statistical tests; speculative_verify draws its final token differently
-from the CPU kernel, so its losslessness tests run on the emulated kernel too. The emulated device has few SMs, so rows split into few chunks; `SPLIT_DEVICE` gives it
-more, so that the multi-block paths (partials, the last block's fold) run as well.
+from the CPU kernel, so its losslessness tests run on the emulated kernel too. Every test runs on
+an emulated device with few SMs (a row in few chunks) and one with more (many blocks per row, so
+the partials and the last block's fold run).
 """
+import contextlib
 import sys
 from pathlib import Path
 
@@ -49,14 +51,19 @@ def emulated(request, emulator, monkeypatch):
     return emulator
 
 
-def real_cpu_kernel(op):
-    """The C++ CPU kernel's implementation, whatever the fixture has put in the registry."""
-    return lambda *args, **kwargs: getattr(torch.ops.collab_ops, op)(*args, **kwargs)
+@contextlib.contextmanager
+def cpu_kernel(op):
+    """Inside the block the "cpu" backend of `op` is the C++ CPU kernel again."""
+    kernel = getattr(torch.ops.collab_ops, op)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(_dispatch._REGISTRY[op], "cpu", _dispatch.Implementation(
+            op, "cpu", lambda *args, **kwargs: kernel(*args, **kwargs), None))
+        yield
 
 
 # --- fuse_logits and dynamic_fusion_weights ------------------------------------------------------
 
-FUSION_CASES = [case for case in fusion_cases()]
+FUSION_CASES = list(fusion_cases())
 
 
 @pytest.mark.parametrize("index", range(len(FUSION_CASES)))
@@ -107,9 +114,7 @@ def test_sampled_tokens_equal_the_cpu_kernels(emulated, options):
     for seed in (torch.tensor(123), torch.arange(6) * 31 + 1):
         kwargs = dict(seed=seed, **options)
         emulated_tokens = fused_sample(logits, [1.0, 1.0, -1.0], backend="cpu", **kwargs)
-        with pytest.MonkeyPatch.context() as undo:
-            undo.setitem(_dispatch._REGISTRY["fused_sample"], "cpu", _dispatch.Implementation(
-                "fused_sample", "cpu", real_cpu_kernel("fused_sample"), None))
+        with cpu_kernel("fused_sample"):
             cpu_tokens = fused_sample(logits, [1.0, 1.0, -1.0], backend="cpu", **kwargs)
         assert torch.equal(emulated_tokens, cpu_tokens), (options, emulated_tokens.tolist(), cpu_tokens.tolist())
 
@@ -140,9 +145,7 @@ def test_speculative_sampling_accepts_as_the_cpu_kernel(emulated, inputs):
     seeds = torch.randint(-(2**62), 2**62, (48,), generator=generator)
     emulated_out = speculative_verify(draft_tokens, target, draft, inputs=inputs, seed=seeds, return_accepted=True,
                                       backend="cpu")
-    with pytest.MonkeyPatch.context() as undo:
-        undo.setitem(_dispatch._REGISTRY["speculative_verify"], "cpu", _dispatch.Implementation(
-            "speculative_verify", "cpu", real_cpu_kernel("speculative_verify"), None))
+    with cpu_kernel("speculative_verify"):
         cpu_out = speculative_verify(draft_tokens, target, draft, inputs=inputs, seed=seeds, return_accepted=True,
                                      backend="cpu")
     assert (emulated_out[2] == cpu_out[2]).float().mean() >= 0.99
