@@ -104,8 +104,10 @@ if wants profile; then
   if [[ ${NCU_CASES:-B=128} == none ]]; then
     :
   elif command -v ncu > /dev/null; then
+    # WarpStateStats names the dominant stall, ComputeWorkloadAnalysis the busiest pipe.
     run_step ncu 120 "$BENCH_RESERVE_S" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
-      --section LaunchStats --section MemoryWorkloadAnalysis python3 bench/profile_gpu.py --once "${NCU_CASES:-B=128}"
+      --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
+      --section ComputeWorkloadAnalysis python3 bench/profile_gpu.py --once "${NCU_CASES:-B=128}"
   else
     echo "ncu: not on PATH" | tee -a "$OUT/summary.txt"
   fi
