@@ -177,3 +177,35 @@ def test_speculative_sampling_is_lossless(emulated, name):
 
     getattr(stats, name)(backend="cpu")
 
+
+
+# The special-value rules (NaN and all-excluded rows, zero weights, plausibility edge cases, vocab
+# alignment, layouts) of tests/test_fusion_reference.py, on the emulated kernels.
+FUSION_RULE_TESTS = [
+    ("test_per_row_weights", {}),
+    ("test_negative_weight_times_neg_inf_excludes", {}),
+    ("test_zero_weight_model_is_ignored_even_with_nan_and_neg_inf", {}),
+    ("test_all_excluded_row_is_neg_inf_and_nan_row_is_nan", {"output": "logprobs"}),
+    ("test_all_excluded_row_is_neg_inf_and_nan_row_is_nan", {"output": "logits"}),
+    ("test_plausibility_mask_known_answer", {}),
+    ("test_plausibility_uses_reference_temperature_and_zero_weight_reference", {}),
+    ("test_all_neg_inf_plausibility_reference_leaves_no_plausible_token", {}),
+    ("test_nan_in_zero_weight_plausibility_reference_poisons_row", {}),
+    ("test_vocab_alignment_small_widths", {}),
+    ("test_vocab_alignment_qwen_widths", {}),
+    ("test_non_contiguous_inputs", {}),
+    ("test_inputs_are_not_modified", {}),
+    ("test_dynamic_weights_fp32_choose_a_minimiser", {}),
+    ("test_dynamic_weights_known_answers", {}),
+    ("test_dynamic_weights_per_expert_independence_and_grid", {}),
+    ("test_dynamic_weights_nan_and_neg_inf_rows", {}),
+    ("test_dynamic_weights_fuse_as_documented", {}),
+]
+
+
+@pytest.mark.parametrize("name, options", FUSION_RULE_TESTS, ids=[
+    f"{name}{'-' + '-'.join(options.values()) if options else ''}" for name, options in FUSION_RULE_TESTS])
+def test_fusion_rules(emulated, name, options):
+    import test_fusion_reference as rules
+
+    getattr(rules, name)(backend="cpu", **options)
