@@ -159,6 +159,20 @@ def test_speculative_sampling_accepts_as_the_cpu_kernel(emulated, inputs):
         assert int(tokens[row, n]) >= 0 and bool((tokens[row, n + 1 :] == -1).all())
 
 
+@pytest.mark.parametrize("inputs", ["probs", "logits"])
+@pytest.mark.parametrize("mode", ["greedy", "sample"])
+def test_speculative_invalid_rows_match_the_reference(emulated, inputs, mode):
+    """One bad row per rule (NaN, +inf, negative probability, bad draft id, ...) next to clean rows."""
+    case = speculative_checks.invalid_row_case(inputs, seed=3)
+    seed = torch.arange(10) * 7919
+    expected = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="reference")
+    actual = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="cpu")
+    assert torch.equal(actual[1] == 0, expected[1] == 0), f"invalid rows: got {actual[1]}, expected {expected[1]}"
+    if mode == "greedy":
+        for got, want in zip(actual, expected):
+            assert torch.equal(got, want)
+
+
 # The losslessness tests of the CPU suite on the emulated race (20000 rows of a 6-token vocabulary
 # each; the probability-input ones, since logits only add the normaliser launch checked above).
 STATISTICAL_TESTS = [
