@@ -9,8 +9,10 @@
 // are not compiled.
 //
 // What it checks: the kernels' logic, indexing, barriers and the launchers' plans, on inputs the
-// tests compare with the reference and the CPU kernels. What it cannot: speed, memory-model races
-// that a barrier would hide, and device-only code paths.
+// tests compare with the reference and the CPU kernels. What it cannot: speed; data races (a fiber
+// runs uninterrupted from one barrier to the next, so unsynchronised accesses never interleave);
+// reads of shared memory before any write (shared variables keep the previous block's values);
+// device-only code paths.
 #pragma once
 #include <setjmp.h>
 #include <ucontext.h>
