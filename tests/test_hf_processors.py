@@ -126,7 +126,9 @@ class Preset:
 
 PRESETS = {
     "contrastive_li": Preset(
-        lambda aux, mask, **options: ContrastiveDecodingLogitsProcessor(aux[0], alpha=0.1, attention_mask=mask, **options),
+        lambda aux, mask, **options: ContrastiveDecodingLogitsProcessor(
+            aux[0], alpha=0.1, attention_mask=mask, **options
+        ),
         1,
         lambda logits: li_contrastive(logits, 0.1),
     ),
@@ -138,12 +140,16 @@ PRESETS = {
         lambda logits: li_contrastive(logits, 0.2, amateur_temperature=0.5),
     ),
     "contrastive_obrien_lewis": Preset(
-        lambda aux, mask, **options: ContrastiveDecodingLogitsProcessor(aux[0], alpha=0.1, beta=0.5, attention_mask=mask, **options),
+        lambda aux, mask, **options: ContrastiveDecodingLogitsProcessor(
+            aux[0], alpha=0.1, beta=0.5, attention_mask=mask, **options
+        ),
         1,
         lambda logits: obrien_lewis_contrastive(logits, 0.1, 0.5),
     ),
     "proxy_tuning": Preset(
-        lambda aux, mask, **options: ProxyTuningLogitsProcessor(aux[0], aux[1], alpha=0.8, attention_mask=mask, **options),
+        lambda aux, mask, **options: ProxyTuningLogitsProcessor(
+            aux[0], aux[1], alpha=0.8, attention_mask=mask, **options
+        ),
         2,
         lambda logits: weighted_logprobs(logits, [1.0, 0.8, -0.8]),
     ),
