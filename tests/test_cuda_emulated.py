@@ -26,7 +26,7 @@ import speculative_kernel_checks as speculative_checks
 from fusion_kernel_checks import check_dynamic_fusion_case, check_fusion_case, dynamic_fusion_cases, fusion_cases
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
-import build as emulator_build  # noqa: E402
+import emulator_build  # noqa: E402
 
 OPS = ("fuse_logits", "fused_sample", "speculative_verify", "dynamic_fusion_weights")
 SMALL_DEVICE = (2, 2)  # SMs, blocks per SM

@@ -1,6 +1,6 @@
 // The CUDA launchers of csrc/cuda run on CPU tensors through the CUDA emulator: the same argument
 // checks and params builders as csrc/cuda/*_cuda.cpp (csrc/*_args.h), host memory for the device's,
-// and the emulated device's SM count. Built by tests/cuda_emulation/build.py.
+// and the emulated device's SM count. Built by tests/cuda_emulation/emulator_build.py.
 #include <torch/extension.h>
 
 #include "cuda/launchers.h"
