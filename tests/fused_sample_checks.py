@@ -101,6 +101,18 @@ def check_kept_sets_include_ties(backend, device, rows=2000):
         assert set(tokens.tolist()) == kept, f"{options}: drew {sorted(set(tokens.tolist()))}, kept set {sorted(kept)}"
 
 
+# Sampling options under which two kernels drawing the same Philox stream must give equal tokens.
+SAME_DRAW_OPTIONS = [dict(), dict(temperature=0.7, min_p=0.02), dict(top_k=40, top_p=0.9), dict(plausibility_alpha=0.01)]
+
+
+def same_draw_inputs(rows, vocab):
+    """Three bf16 models (weights 1, 1, -1) and the seeds (one for the batch, one per row) on which
+    the CPU and CUDA kernels' tokens are compared."""
+    g = torch.Generator().manual_seed(4)
+    logits = [(torch.randn(rows, vocab, generator=g) * 3).to(torch.bfloat16) for _ in range(3)]
+    return logits, [1.0, 1.0, -1.0], (torch.tensor(123), torch.arange(rows) * 31 + 1)
+
+
 def check_rows_without_a_token(backend, device):
     """Rows the reference gives -1 through +inf inputs, beside the NaN / all-excluded rows of the stats tests."""
     a = torch.randn(4, 10)

@@ -136,3 +136,37 @@ def invalid_row_case(inputs, seed):
     return dict(
         draft_tokens=draft_tokens, target=target, draft=draft, inputs=inputs, num_draft_tokens=num_draft_tokens
     )
+
+
+def check_invalid_rows_match_reference(backend, device, inputs, mode):
+    """invalid_row_case's verdict per row as the reference's; in greedy mode every output exactly."""
+    case = invalid_row_case(inputs, seed=3)
+    seed = torch.arange(10) * 7919
+    expected = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="reference")
+    actual = speculative_verify(**to_device(case, device), mode=mode, seed=seed.to(device), return_accepted=True,
+                                backend=backend)
+    assert torch.equal(actual[1].cpu() == 0, expected[1] == 0), f"invalid rows: got {actual[1]}, expected {expected[1]}"
+    if mode == "greedy":
+        for got, want in zip(actual, expected):
+            assert torch.equal(got.cpu(), want)
+
+
+def acceptance_case(rows, inputs):
+    """Random targets and drafts (K = 4, V = 3001) with each draft sampled from its distribution and
+    a seed per row: two backends draw the same acceptance uniforms on it, so only the rounding of p
+    and q may make their accepted counts differ."""
+    generator = torch.Generator().manual_seed(8)
+    target = torch.randn(rows, 5, 3001, generator=generator)
+    draft = torch.randn(rows, 4, 3001, generator=generator)
+    if inputs == "probs":
+        target, draft = target.softmax(-1), draft.softmax(-1)
+    draft_tokens = torch.multinomial(draft.softmax(-1).reshape(-1, 3001), 1, generator=generator).reshape(rows, 4)
+    seed = torch.randint(-(2**62), 2**62, (rows,), generator=generator)
+    return dict(draft_tokens=draft_tokens, target=target, draft=draft, inputs=inputs, seed=seed)
+
+
+def assert_accept_alike(accepted, other_accepted):
+    """At least 99% of rows accept the same number of drafts, and some drafts are accepted at all."""
+    same = (accepted.cpu() == other_accepted.cpu()).float().mean()
+    assert same >= 0.99, f"only {float(same):.3f} of rows accept alike"
+    assert int(accepted.sum()) > 0

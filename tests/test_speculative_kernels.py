@@ -6,7 +6,12 @@ import torch
 import collab_ops
 from collab_ops import _dispatch
 from collab_ops.ops.speculative import speculative_verify
-from speculative_kernel_checks import GREEDY_CASES, assert_same_as_reference, greedy_case, invalid_row_case
+from speculative_kernel_checks import (
+    GREEDY_CASES,
+    assert_same_as_reference,
+    check_invalid_rows_match_reference,
+    greedy_case,
+)
 
 needs_cpu_kernel = pytest.mark.skipif(
     "cpu" not in collab_ops.available_backends(), reason=str(collab_ops.backend_status()["cpu"])
@@ -31,14 +36,7 @@ def test_greedy_matches_reference_exactly(index):
 @pytest.mark.parametrize("inputs", ["probs", "logits"])
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
 def test_invalid_rows_match_reference(inputs, mode):
-    case = invalid_row_case(inputs, seed=3)
-    seed = torch.arange(10) * 7919
-    expected = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="reference")
-    actual = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="cpu")
-    assert torch.equal(actual[1] == 0, expected[1] == 0), f"invalid rows: got {actual[1]}, expected {expected[1]}"
-    if mode == "greedy":
-        for got, want in zip(actual, expected):
-            assert torch.equal(got, want)
+    check_invalid_rows_match_reference("cpu", "cpu", inputs, mode)
 
 
 def test_fused_target_with_every_token_excluded_is_invalid():

@@ -60,8 +60,10 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             results = list(pool.map(lambda u: compile_unit(args.nvcc, u, arch, workdir), units))
     failed = [(src, out) for src, code, out in results if code != 0]
-    failed += [(src, "spills registers:\n" + "\n".join(spilling_kernels(out)))
-               for src, code, out in results if code == 0 and spilling_kernels(out)]
+    for src, code, out in results:
+        spilling = spilling_kernels(out) if code == 0 else []
+        if spilling:
+            failed.append((src, "spills registers:\n" + "\n".join(spilling)))
     for src, out in failed:
         print(f"FAILED {src.relative_to(ROOT) if src.is_relative_to(ROOT) else src.name}:\n{out}", file=sys.stderr)
     print(f"check_cuda_headers: {len(results) - len(failed)}/{len(results)} CUDA units compile for {arch}")

@@ -51,15 +51,12 @@ def test_sampler_matches_exact_distribution(config):
     stats.assert_fits(np.bincount(tokens.numpy(), minlength=stats.VOCAB), stats.exact_distribution(models, **options))
 
 
-@pytest.mark.parametrize(
-    "options", [dict(), dict(temperature=0.7, min_p=0.02), dict(top_k=40, top_p=0.9), dict(plausibility_alpha=0.01)]
-)
+@pytest.mark.parametrize("options", checks.SAME_DRAW_OPTIONS)
 def test_cpu_and_cuda_kernels_draw_the_same_tokens(options):
-    g = torch.Generator().manual_seed(4)
-    logits = [(torch.randn(8, 152064, generator=g) * 3).to(torch.bfloat16) for _ in range(3)]
-    for seed in (torch.tensor(123), torch.arange(8) * 31 + 1):
-        cpu = fused_sample(logits, [1.0, 1.0, -1.0], seed=seed, backend="cpu", **options)
-        gpu = fused_sample([l.cuda() for l in logits], [1.0, 1.0, -1.0], seed=seed.cuda(), backend="cuda", **options)
+    logits, weights, seeds = checks.same_draw_inputs(8, 152064)
+    for seed in seeds:
+        cpu = fused_sample(logits, weights, seed=seed, backend="cpu", **options)
+        gpu = fused_sample([l.cuda() for l in logits], weights, seed=seed.cuda(), backend="cuda", **options)
         assert torch.equal(cpu, gpu.cpu()), (options, cpu.tolist(), gpu.tolist())
 
 

@@ -14,7 +14,15 @@ import collab_ops
 import test_speculative_stats as stats
 from collab_ops.ops.speculative import speculative_verify
 from collab_ops.reference import speculative as reference
-from speculative_kernel_checks import GREEDY_CASES, assert_same_as_reference, greedy_case, invalid_row_case, to_device
+from speculative_kernel_checks import (
+    GREEDY_CASES,
+    acceptance_case,
+    assert_accept_alike,
+    assert_same_as_reference,
+    check_invalid_rows_match_reference,
+    greedy_case,
+    to_device,
+)
 from test_speculative_reference import assert_well_formed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -85,14 +93,7 @@ def test_greedy_at_qwen_vocabulary(batch, inputs, dtype, num_targets):
 @pytest.mark.parametrize("inputs", ["probs", "logits"])
 @pytest.mark.parametrize("mode", ["greedy", "sample"])
 def test_invalid_rows_match_reference(inputs, mode):
-    case = invalid_row_case(inputs, seed=3)
-    seed = torch.arange(10) * 7919
-    expected = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="reference")
-    actual = speculative_verify(**to_device(case, "cuda"), mode=mode, seed=seed.cuda(), return_accepted=True, backend="cuda")
-    assert torch.equal(actual[1].cpu() == 0, expected[1] == 0), f"invalid rows: got {actual[1]}, expected {expected[1]}"
-    if mode == "greedy":
-        for got, want in zip(actual, expected):
-            assert torch.equal(got.cpu(), want)
+    check_invalid_rows_match_reference("cuda", "cuda", inputs, mode)
 
 
 STATISTICAL_TESTS = [
@@ -185,20 +186,11 @@ def test_qwen_vocabulary_is_lossless(batch, variant):
 
 @pytest.mark.parametrize("inputs", ["probs", "logits"])
 def test_cpu_and_cuda_accept_alike_from_the_same_seeds(inputs):
-    # Acceptance uses the same Philox uniforms on both backends: only rounding of p and q may
-    # differ. (The final token is drawn differently, so tokens after the stop are not compared.)
-    generator = torch.Generator().manual_seed(8)
-    target = torch.randn(256, 5, 3001, generator=generator)
-    draft = torch.randn(256, 4, 3001, generator=generator)
-    if inputs == "probs":
-        target, draft = target.softmax(-1), draft.softmax(-1)
-    draft_tokens = torch.multinomial(draft.softmax(-1).reshape(-1, 3001), 1, generator=generator).reshape(256, 4)
-    seeds = torch.randint(-(2**62), 2**62, (256,), generator=generator)
-    cpu = speculative_verify(draft_tokens, target, draft, inputs=inputs, seed=seeds, return_accepted=True, backend="cpu")
-    gpu = speculative_verify(draft_tokens.cuda(), target.cuda(), draft.cuda(), inputs=inputs, seed=seeds.cuda(), return_accepted=True, backend="cuda")
-    same = (cpu[2] == gpu[2].cpu()).float().mean()
-    assert same >= 0.99, f"only {float(same):.3f} of rows accept alike"
-    assert int(cpu[2].sum()) > 0
+    # The final token is drawn differently, so tokens after the stop are not compared.
+    case = acceptance_case(256, inputs)
+    cpu = speculative_verify(**case, return_accepted=True, backend="cpu")
+    gpu = speculative_verify(**to_device(case, "cuda"), return_accepted=True, backend="cuda")
+    assert_accept_alike(gpu[2], cpu[2])
 
 
 @pytest.mark.parametrize("inputs,dtype", [("probs", torch.float32), ("logits", torch.bfloat16)])
