@@ -141,6 +141,15 @@ elif (( ${#peer_wheels[@]} )); then
 else
   echo "peers: no Liger-Kernel or FlashInfer wheel in .whl/; the benchmarks record them as not installed" | tee -a "$OUT/summary.txt"
 fi
+# FlashInfer's speculative sampling kernel, prebuilt by bench/peers/build_flashinfer_chain.sh (its
+# package would compile kernels at first use and needs an index this machine lacks).
+if wants bench; then
+  if [[ -e .whl/flashinfer_chain_sampling.so ]]; then
+    echo "peers: FlashInfer chain kernel $(cat .whl/flashinfer_chain_sampling.json 2> /dev/null | tr -d '\n')" | tee -a "$OUT/summary.txt"
+  else
+    echo "peers: .whl/flashinfer_chain_sampling.so not built; FlashInfer's speculative column stays empty" | tee -a "$OUT/summary.txt"
+  fi
+fi
 
 # The harness starts no new case once its own budget is spent and writes its files after every
 # case, so a cut-short run still leaves results in OUTDIR.

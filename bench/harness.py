@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional, Union
 
 import torch
 
+from bench.peers import flashinfer_chain
 from collab_ops import _dispatch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -313,6 +314,8 @@ def environment(device: torch.device) -> dict:
         "numpy": _package_version("numpy"),
         "liger_kernel": _package_version("liger-kernel") or _package_version("liger_kernel"),
         "flashinfer": _package_version("flashinfer-python") or _package_version("flashinfer"),
+        # bench/peers: FlashInfer's speculative sampling kernel built from its headers (None: not built).
+        "flashinfer_chain_kernel": flashinfer_chain.build_info(),
         "collab_ops": collab_ops.__version__,
         "backend_status": collab_ops.backend_status(),
         "cpu_count": os.cpu_count(),

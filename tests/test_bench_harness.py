@@ -164,3 +164,14 @@ def test_quick_fusion_benchmark_from_the_command_line(tmp_path):
     for record in ours:
         assert record["status"] == "ok", record
         assert set(record["backend"].split("+")) <= {"reference", "cpu"}, record["backend"]
+
+
+def test_the_flashinfer_peer_names_what_is_missing(tmp_path, monkeypatch):
+    from bench.peers import flashinfer_chain
+
+    monkeypatch.setenv("COLLAB_OPS_FLASHINFER_CHAIN", str(tmp_path / flashinfer_chain.LIBRARY_FILE))
+    ids, target, draft = torch.zeros(1, 2, dtype=torch.long), torch.rand(1, 3, 4), torch.rand(1, 2, 4)
+    assert "build_flashinfer_chain.sh" in flashinfer_chain.peer_call(ids, target, draft)
+    assert flashinfer_chain.build_info() is None
+    (tmp_path / flashinfer_chain.LIBRARY_FILE).write_bytes(b"not a shared library")
+    assert "does not load" in flashinfer_chain.peer_call(ids, target, draft)

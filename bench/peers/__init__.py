@@ -1,0 +1,1 @@
+"""Peer kernels that the benchmarks build and load themselves where the peer's package cannot run."""
