@@ -132,6 +132,14 @@ def check_rows_without_a_token(backend, device):
     assert tokens[0] == -1 and tokens[1] >= 0
 
 
+def check_an_empty_batch(backend, device):
+    """B = 0 gives an empty int64 tensor (the CUDA launcher planned its workspace per row)."""
+    logits = [torch.randn(0, 50, device=device), torch.randn(0, 50, device=device)]
+    for options in (dict(seed=1), dict(greedy=True), dict(seed=1, top_k=5)):
+        tokens = fused_sample(logits, [1.0, -0.5], backend=backend, **options)
+        assert tokens.shape == (0,) and tokens.dtype == torch.int64, options
+
+
 def opcheck_samples(device):
     g = torch.Generator().manual_seed(0)
     mixed = [torch.randn(3, 11, generator=g).to(device), torch.randn(3, 13, generator=g).to(device, torch.bfloat16)]
@@ -166,7 +174,10 @@ def gumbel_noise(row, vocab, seed, row_seeded):
     zeros = np.zeros_like(groups)
     words = philox4x32_10([groups, zeros, zeros + np.uint64(stream), zeros], seed % 2**64)
     bits = np.stack(words, axis=1).reshape(-1)[:vocab]
-    u = ((bits >> np.uint64(9)).astype(np.float64) + 0.5) * 2.0**-23
+    # uniform_open01 (csrc/common/philox.h): float32 rounding included, so that the oracle's noise
+    # is the kernels' up to their logarithms' error
+    u = (bits.astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-32)
+    u = np.minimum(u, np.float32(1.0) - np.float32(2.0**-24)).astype(np.float64)
     return -np.log(-np.log1p(-u))
 
 

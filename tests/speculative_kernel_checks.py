@@ -138,17 +138,27 @@ def invalid_row_case(inputs, seed):
     )
 
 
+def no_drafts_case(inputs, seed):
+    """K = 0: no draft ids at all, so a count of 1 or −1 makes its row invalid without any id to read."""
+    generator = torch.Generator().manual_seed(seed)
+    target = scores(3, 1, 61, generator=generator, inputs=inputs)
+    draft = scores(3, 0, 61, generator=generator, inputs=inputs)
+    return dict(draft_tokens=torch.zeros(3, 0, dtype=torch.int64), target=target, draft=draft, inputs=inputs,
+                num_draft_tokens=torch.tensor([0, 1, -1]))
+
+
 def check_invalid_rows_match_reference(backend, device, inputs, mode):
-    """invalid_row_case's verdict per row as the reference's; in greedy mode every output exactly."""
-    case = invalid_row_case(inputs, seed=3)
-    seed = torch.arange(10) * 7919
-    expected = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="reference")
-    actual = speculative_verify(**to_device(case, device), mode=mode, seed=seed.to(device), return_accepted=True,
-                                backend=backend)
-    assert torch.equal(actual[1].cpu() == 0, expected[1] == 0), f"invalid rows: got {actual[1]}, expected {expected[1]}"
-    if mode == "greedy":
-        for got, want in zip(actual, expected):
-            assert torch.equal(got.cpu(), want)
+    """invalid_row_case's and no_drafts_case's verdict per row as the reference's; in greedy mode
+    every output exactly."""
+    for case in (invalid_row_case(inputs, seed=3), no_drafts_case(inputs, seed=4)):
+        seed = torch.arange(len(case["num_draft_tokens"])) * 7919
+        expected = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="reference")
+        actual = speculative_verify(**to_device(case, device), mode=mode, seed=seed.to(device), return_accepted=True,
+                                    backend=backend)
+        assert torch.equal(actual[1].cpu() == 0, expected[1] == 0), f"invalid rows: got {actual[1]}, expected {expected[1]}"
+        if mode == "greedy":
+            for got, want in zip(actual, expected):
+                assert torch.equal(got.cpu(), want)
 
 
 def acceptance_case(rows, inputs):

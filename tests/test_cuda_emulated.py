@@ -97,6 +97,10 @@ def test_rows_without_a_token(emulated):
     sample_checks.check_rows_without_a_token("cpu", "cpu")
 
 
+def test_an_empty_batch(emulated):
+    sample_checks.check_an_empty_batch("cpu", "cpu")
+
+
 def test_kept_sets_include_ties(emulated):
     sample_checks.check_kept_sets_include_ties("cpu", "cpu", rows=400)
 

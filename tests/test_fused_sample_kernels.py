@@ -53,6 +53,11 @@ def test_rows_without_a_token(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch(backend):
+    checks.check_an_empty_batch(backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_strict_raises(backend):
     logits = torch.randn(3, 6)
     logits[1] = -float("inf")

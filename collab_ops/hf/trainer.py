@@ -311,13 +311,12 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is not None:
             # all targets ignored: the sum is 0, and 0/1 keeps the loss and gradients finite
             denominator = torch.as_tensor(num_items_in_batch).clamp(min=1)
-        # The fused op chooses its own precision (fp32 accumulation); autocast must not recast its GEMMs.
-        with torch.autocast(device.type, enabled=False):
-            loss = fused_linear_kd_loss(
-                student_operands[0], student_operands[1], teacher_operands[0], teacher_operands[1],
-                targets.to(device), student_bias=student_operands[2], teacher_bias=teacher_operands[2],
-                ignore_index=IGNORE_INDEX, reduction="mean", num_items_in_batch=denominator, **self.kd_options,
-            )
+        # (the fused op ignores autocast: its GEMMs run in the operands' dtype chosen above)
+        loss = fused_linear_kd_loss(
+            student_operands[0], student_operands[1], teacher_operands[0], teacher_operands[1],
+            targets.to(device), student_bias=student_operands[2], teacher_bias=teacher_operands[2],
+            ignore_index=IGNORE_INDEX, reduction="mean", num_items_in_batch=denominator, **self.kd_options,
+        )
         if num_items_in_batch is not None and self._counts_are_global():
             loss = loss * self.accelerator.num_processes
         logits = getattr(outputs, "logits", None)

@@ -229,7 +229,8 @@ def kd_loss(
 
     Values: −inf logits are masked tokens (0·log 0 = 0, no NaN); a token the teacher gives mass
     but the student −inf makes forward_kl (and reverse_kl, the other way round) +inf, as the
-    formula does. A counted position whose student row is all −inf, with a label outside
+    formula does. A counted position whose student row is all −inf (or, with a soft term, whose
+    dense teacher row is: neither side then has a distribution), with a label outside
     [0, vocab) (when hard_weight ≠ 0), or with sparse ids outside [0, vocab) or repeated, has a
     NaN loss; so does one with NaN logits.
     Gradients reach student_logits only. Returns fp32.
@@ -312,6 +313,9 @@ def fused_linear_kd_loss(
     with teacher_indices, as in kd_loss). Positions are processed chunk_size at a time (default:
     the implementation's choice), so no [N, V] tensor is ever held; accumulation is in fp32.
 
+    Autocast does not apply: the GEMMs run in the inputs' dtypes (cast them to choose), with fp32
+    accumulation, on every backend.
+
     logit_softcap=c replaces the logits this op computes, on both sides, by c·tanh(z/c) (Gemma);
     given teacher_logits are used as they are (a model's returned logits are already capped).
     Every other option, and the treatment of values, is kd_loss's. Gradients reach
@@ -363,12 +367,15 @@ def fused_linear_kd_loss(
          ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias),
          ("teacher_logits", teacher_logits), ("teacher_indices", teacher_indices), ("labels", labels)]
     )
-    loss = _call(
-        "fused_linear_kd_loss", device, backend,
-        student_hidden=_as_rows(student_hidden), student_weight=student_weight, student_bias=student_bias,
-        **teacher_linear, teacher_logits=teacher_rows, teacher_indices=index_rows, labels=label_rows,
-        logit_softcap=logit_softcap, chunk_size=chunk_size, **options,
-    )
+    # The GEMMs run in the inputs' dtypes with fp32 accumulation on every backend: autocast would
+    # recast some backends' GEMMs and not others (cast the inputs to choose the GEMMs' dtype).
+    with torch.autocast(device.type, enabled=False):
+        loss = _call(
+            "fused_linear_kd_loss", device, backend,
+            student_hidden=_as_rows(student_hidden), student_weight=student_weight, student_bias=student_bias,
+            **teacher_linear, teacher_logits=teacher_rows, teacher_indices=index_rows, labels=label_rows,
+            logit_softcap=logit_softcap, chunk_size=chunk_size, **options,
+        )
     return loss.reshape(leading) if options["reduction"] == "none" else loss
 
 
@@ -556,6 +563,17 @@ if _availability.extension() is not None:
     torch.library.register_autograd(
         "collab_ops::kd_loss_forward", _kd_loss_backward, setup_context=_kd_loss_setup_context
     )
+
+    def _kd_loss_double_backward(ctx, *_grads):
+        raise RuntimeError(
+            "kd_loss (cpu) computes its gradient with a kernel that is not differentiable again (double "
+            "backward, e.g. a gradient penalty); use backend='reference' for that"
+        )
+
+    # Without it, a graph built with create_graph=True would drop the kernel's inputs silently.
+    torch.library.register_autograd(
+        "collab_ops::kd_loss_backward", _kd_loss_double_backward, setup_context=lambda ctx, inputs, output: None
+    )
     register("kd_loss", "cpu", _compiled_kd_loss, supports=_compiled_kd_refusal)
 
 
@@ -655,7 +673,10 @@ def _run_cpu_chunks(plan: _CpuChunkPlan, student_hidden, student_weight, student
 
 
 class _CpuFusedLinearKDFunction(torch.autograd.Function):
+    # The public op runs with autocast off; custom_bwd runs backward (which recomputes the chunks'
+    # logits for "none") in forward's autocast state whatever the caller's is at backward time.
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                 teacher_logits, labels, plan, denominator):
         wanted = tuple(ctx.needs_input_grad[:3])
@@ -684,6 +705,7 @@ class _CpuFusedLinearKDFunction(torch.autograd.Function):
         return total / denominator if plan.reduction == "mean" else total
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, grad_output):
         if ctx.eager:
             if ctx.grads_consumed:

@@ -71,9 +71,15 @@ def divergence_per_position(
             return kl_divergence(log_p_student, log_p_teacher)
         log_m = log_mixture(log_p_teacher, log_p_student, beta)
         return beta * kl_divergence(log_p_teacher, log_m) + (1 - beta) * kl_divergence(log_p_student, log_m)
+    # At β = 0 the skew KLs are the plain KL directions, computed from the log-probabilities: the
+    # mixture's probabilities would underflow where those are finite.
     if divergence == "skew_forward_kl":
+        if beta == 0:
+            return kl_divergence(log_p_teacher, log_p_student)
         return kl_divergence(log_p_teacher, log_mixture(log_p_teacher, log_p_student, beta))
     if divergence == "skew_reverse_kl":
+        if beta == 0:
+            return kl_divergence(log_p_student, log_p_teacher)
         return kl_divergence(log_p_student, log_mixture(log_p_student, log_p_teacher, beta))
     if divergence == "tvd":
         return 0.5 * (torch.exp(log_p_teacher) - torch.exp(log_p_student)).abs().sum(-1)
@@ -131,11 +137,16 @@ def soft_loss_per_position(
     teacher's log-probabilities at `teacher_indices` (already at temperature T); the temperature
     applies to the student, and both sides are collapsed to the teacher's ids plus a tail bucket."""
     log_p_student = F.log_softmax(student / temperature, dim=-1)
+    # A side whose logits are all −inf has no distribution: the row's loss is NaN.
+    valid = ~torch.isneginf(student).all(-1)
     if teacher_indices is None:
         log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-        return divergence_per_position(divergence, log_p_teacher, log_p_student, beta)
-    log_p_teacher, log_p_student, valid = collapse_to_teacher_support(log_p_student, teacher, teacher_indices)
-    loss = divergence_per_position(divergence, log_p_teacher, log_p_student, beta)
+        loss = divergence_per_position(divergence, log_p_teacher, log_p_student, beta)
+        valid &= ~torch.isneginf(teacher).all(-1)
+    else:
+        log_p_teacher, log_p_student, valid_ids = collapse_to_teacher_support(log_p_student, teacher, teacher_indices)
+        loss = divergence_per_position(divergence, log_p_teacher, log_p_student, beta)
+        valid &= valid_ids
     return torch.where(valid, loss, torch.full_like(loss, math.nan))
 
 

@@ -89,10 +89,11 @@ class LossSpec:
 
 def loss_spec(*, divergence, beta, temperature, scale_by_t2, soft_weight, hard_weight, ignore_index,
               logit_softcap=None) -> LossSpec:
-    # The jsd endpoints are defined as the KL directions; running their own code makes them exact.
-    if divergence == "jsd" and beta == 0:
+    # The jsd endpoints and the skew KLs at β = 0 are the KL directions; running their own code
+    # makes them exact (a mixture probability would underflow where a log-probability does not).
+    if divergence in ("jsd", "skew_forward_kl") and beta == 0:
         divergence = "forward_kl"
-    elif divergence == "jsd" and beta == 1:
+    elif (divergence == "jsd" and beta == 1) or (divergence == "skew_reverse_kl" and beta == 0):
         divergence = "reverse_kl"
     return LossSpec(
         divergence=divergence,

@@ -20,12 +20,23 @@ namespace collab_ops {
 enum class Divergence : int32_t { kForwardKl, kReverseKl, kJsd, kSkewForwardKl, kSkewReverseKl, kTvd };
 
 // The generalised JSD tends to 0 at β = 0 and β = 1; those endpoints are defined as the two KL
-// directions and run their formulas, so that they are exact (as in Liger and the reference).
+// directions and run their formulas, so that they are exact (as in Liger and the reference). The
+// skew KLs at β = 0 are those KL directions too, run by their formulas: the mixture's probability
+// would underflow where the log-probability is still finite.
 COLLAB_HD Divergence resolve_divergence(Divergence divergence, float beta) {
-  if (divergence != Divergence::kJsd) return divergence;
-  if (beta == 0.f) return Divergence::kForwardKl;
-  if (beta == 1.f) return Divergence::kReverseKl;
-  return Divergence::kJsd;
+  if (divergence == Divergence::kJsd) {
+    if (beta == 0.f) return Divergence::kForwardKl;
+    if (beta == 1.f) return Divergence::kReverseKl;
+  }
+  if (divergence == Divergence::kSkewForwardKl && beta == 0.f) return Divergence::kForwardKl;
+  if (divergence == Divergence::kSkewReverseKl && beta == 0.f) return Divergence::kReverseKl;
+  return divergence;
+}
+
+// A row whose student or teacher logits are all −inf has no distribution on that side: its soft
+// term is NaN (whatever the divergence's formula would make of 0·log 0 there).
+COLLAB_HD bool soft_term_defined(float student_lse, float teacher_lse) {
+  return student_lse != -INFINITY && teacher_lse != -INFINITY;
 }
 
 // Per-row constants the forward pass saves for the backward: [rows, kKdRowStats] fp32.

@@ -39,9 +39,16 @@ COLLAB_HD Philox4 philox4x32_10(Philox4 counter, uint64_t key) {
   return counter;
 }
 
-// A uniform float in the open interval (0, 1): never 0, so -log(u) and log(-log(u)) are finite.
-// 23 bits so that the largest value, 1 - 2^-24, is still below 1 in float.
-COLLAB_HD float uniform_open01(uint32_t bits) { return (static_cast<float>(bits >> 9) + 0.5f) * 1.1920928955078125e-07f; }
+// A uniform float in the open interval (0, 1) from all 32 bits: never 0, so -log(u) and
+// log(-log(u)) are finite, and kept below 1. Its spacing near 0 is 2^-32: the Gumbel-max and
+// exponential races are won by the smallest u of a row, and with 23 bits (spacing 2^-23) two of
+// 152k equally likely tokens would tie there about 2% of the time, ties going to the lower id.
+// Above 2^-8 the float rounds to 24 bits, which moves u by at most 2^-25.
+COLLAB_HD float uniform_open01(uint32_t bits) {
+  constexpr float kBelowOne = 0.99999994f;  // 1 - 2^-24, the largest float below 1
+  const float u = (static_cast<float>(bits) + 0.5f) * 2.3283064365386963e-10f;  // 2^-32
+  return u < kBelowOne ? u : kBelowOne;
+}
 
 // A uniform double in [0, 1) from 53 random bits, for draws compared against probabilities.
 COLLAB_HD double uniform_double01(uint32_t high, uint32_t low) {

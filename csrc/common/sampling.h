@@ -60,23 +60,23 @@ COLLAB_HD float gumbel_noise(uint32_t bits) { return -logf(-log1pf(-uniform_open
 // Above the largest noise gumbel_noise can return (u = 2^-24 gives 16.635).
 constexpr float kGumbelNoiseBound = 16.7f;
 
-// The largest 23-bit mantissa m (u = (m + 0.5) 2^-23, uniform_open01) whose Gumbel noise can lift
+// The largest random word w (u = uniform_open01(w) ~ (w + 0.5) 2^-32) whose Gumbel noise can lift
 // a token scoring at most x to `current_best`: noise >= d = current_best - x needs
-// E = -log1p(-u) <= exp(-d), so u <= 1 - exp(-exp(-d)) <= exp(-d). A token whose mantissa is above
+// E = -log1p(-u) <= exp(-d), so u <= 1 - exp(-exp(-d)) <= exp(-d). A token whose word is above
 // the limit cannot win, so a kernel skips its logarithms; with real logits nearly every token is
-// skipped this way, where the noise bound alone skips only tokens 16.7 below the best key. The margin
-// on d covers expf's error and the rounding of x + noise, so skipping never changes the token, and
-// the CPU and CUDA kernels (which skip by their own tiling) still agree.
-COLLAB_HD uint32_t reachable_mantissa_limit(float current_best, float x) {
-  constexpr uint32_t kAll = (1u << 23) - 1;
+// skipped this way, where the noise bound alone skips only tokens 16.7 below the best key. The
+// margin on d covers expf's error, the float rounding of u and of x + noise, so skipping never
+// changes the token, and the CPU and CUDA kernels (which skip by their own tiling) still agree.
+COLLAB_HD uint32_t reachable_bits_limit(float current_best, float x) {
+  constexpr uint32_t kAll = 0xffffffffu;
   const float d = current_best - x - (1e-3f + 1e-5f * fabsf(current_best));
   if (!(d > -2.f)) return kAll;  // u_max near 1, or no best key yet (d = -inf), or NaN
-  const float limit = floorf(expf(-d) * 8388608.f);
-  return limit >= static_cast<float>(kAll) ? kAll : static_cast<uint32_t>(limit);
+  const float limit = floorf(expf(-d) * 4294967296.f);
+  return limit >= 4294967296.f ? kAll : static_cast<uint32_t>(limit);
 }
 
-// Whether a token whose random bits are `bits` can reach `current_best` (see above).
-COLLAB_HD bool noise_can_reach(uint32_t bits, uint32_t mantissa_limit) { return (bits >> 9) <= mantissa_limit; }
+// Whether a token whose random word is `bits` can reach `current_best` (see above).
+COLLAB_HD bool noise_can_reach(uint32_t bits, uint32_t bits_limit) { return bits <= bits_limit; }
 
 // The Philox key and stream of a row's draws. A per-row seed alone keys the row's stream, so a
 // row's token does not depend on its position in the batch; with one seed for the batch the row

@@ -118,13 +118,13 @@ inline void sample_tile(const SamplingParams& s, int64_t row, int64_t col, int64
   }
   if (top == -INFINITY || top < keep_from) return;
   if (top + kGumbelNoiseBound < best.key) return;
-  const uint32_t mantissa_limit = reachable_mantissa_limit(best.key, top);
+  const uint32_t bits_limit = reachable_bits_limit(best.key, top);
   uint32_t bits[kSampleTile + 4];
   tile_sampling_bits(s, row, col, count, bits);
   const int64_t skew = col % 4;  // bits[0] belongs to column col - skew
   for (int64_t i = 0; i < count; ++i) {
     const uint32_t b = bits[i + skew];
-    if (!noise_can_reach(b, mantissa_limit) || !(x[i] >= keep_from) || x[i] == -INFINITY) continue;
+    if (!noise_can_reach(b, bits_limit) || !(x[i] >= keep_from) || x[i] == -INFINITY) continue;
     // A column whose x cannot reach the best key even with the largest noise cannot win.
     if (x[i] + kGumbelNoiseBound < best.key) continue;
     const float key = x[i] + gumbel_noise(b);

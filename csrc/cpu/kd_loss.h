@@ -213,7 +213,8 @@ inline void kd_loss_forward_row(const KdLossParams& p, int64_t row, KdTiles& til
       return soft_row_sums<decltype(divergence)::value>(p, row, row_stats[kStudentLse], row_stats[kTeacherLse], tiles);
     });
     row_stats[kGradLogQSum] = static_cast<float>(sums.grad_log_q);
-    total += p.soft_scale * static_cast<float>(sums.value);
+    const bool defined = soft_term_defined(row_stats[kStudentLse], row_stats[kTeacherLse]);
+    total += p.soft_scale * (defined ? static_cast<float>(sums.value) : NAN);
   }
   if (hard) {
     row_stats[kHardLse] = own_hard_lse ? hard_lse.value() : row_stats[kStudentLse];

@@ -14,7 +14,8 @@ size_t aligned(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kA
 // About kSampleBlocksPerSm blocks per SM over the whole batch, so that a single row still spreads
 // over the GPU.
 SampleLayout plan(const SamplingParams& params, int sm_count) {
-  const int64_t batch = params.fusion.batch, vocab = params.fusion.vocab;
+  // (an empty batch plans as one row: the workspace size must not divide by zero; nothing launches)
+  const int64_t batch = std::max<int64_t>(1, params.fusion.batch), vocab = params.fusion.vocab;
   const int64_t wanted_chunks =
       std::max<int64_t>(1, (kSampleBlocksPerSm * static_cast<int64_t>(sm_count) + batch - 1) / batch);
   const int64_t columns = (vocab + wanted_chunks - 1) / wanted_chunks;

@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chu
   Candidate best = no_candidate();
   // A key some thread of the block has drawn: a column whose key x + noise cannot reach it cannot
   // be the row's token. Below x + kGumbelNoiseBound it skips the Philox draw; otherwise the draw's
-  // mantissa decides (reachable_mantissa_limit) whether it needs the logarithms, which only a few
+  // word decides (reachable_bits_limit) whether it needs the logarithms, which only a few
   // columns of a row do once the bar has risen. Skipping never changes the token, so the CPU kernel
   // (which skips by its own tiling) still agrees. Warps publish their best key after every sweep of
   // 1024 columns and read the block's without a barrier: the value only grows and is always a drawn
@@ -206,9 +206,9 @@ __global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chu
           const Philox4 bits = sampling_bits(s, row, first / 4);
           float top = -INFINITY;
           for (int lane = 0; lane < 4; ++lane) top = reachable[lane] ? fmaxf(top, x[lane]) : top;
-          const uint32_t mantissa_limit = reachable_mantissa_limit(must_reach, top);
+          const uint32_t bits_limit = reachable_bits_limit(must_reach, top);
           for (int lane = 0; lane < 4; ++lane) {
-            if (reachable[lane] && noise_can_reach(bits.v[lane], mantissa_limit)) {
+            if (reachable[lane] && noise_can_reach(bits.v[lane], bits_limit)) {
               best = better_candidate(best, Candidate{x[lane] + gumbel_noise(bits.v[lane]), first + lane});
             }
           }

@@ -517,7 +517,8 @@ __device__ void decide_row(const SpeculativeParams& p, const SpeculativeWorkspac
     RowDecision d{};
     d.valid = invalid == 0;
     d.accepted = first_rejection;
-    d.after_rejection = d.accepted < n;
+    // An invalid row reads nothing more: its n may exceed the drafts there are (K = 0 has none).
+    d.after_rejection = d.valid && d.accepted < n;
     d.rejected_id = d.after_rejection ? p.draft_tokens[row * p.num_drafts + d.accepted] : -1;
     if (d.valid) {
       d.stop_target = targets_whole ? w.target_normalisers[slots + d.accepted] : given_target();

@@ -1,6 +1,6 @@
 // Checks of the torch-free helpers that the CPU and CUDA kernels share (compiled with the host C++
-// compiler): the skip test of Gumbel-max sampling never skips a token that could win, and
-// values_lse agrees with a float64 log-sum-exp and with torch's rules for NaN and infinities.
+// compiler): the skip test of Gumbel-max sampling never skips a token that could win, the uniform
+// draws keep their resolution where races are decided, and values_lse agrees with a float64 log-sum-exp and with torch's rules for NaN and infinities.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -16,24 +16,32 @@ static void expect(bool ok, const char* what, double a, double b) {
   if (!ok && failures++ < 20) std::printf("FAIL %s: %.9g %.9g\n", what, a, b);
 }
 
-// A mantissa above reachable_mantissa_limit(best, x) gives a key x + noise below best.
+// A random word above reachable_bits_limit(best, x) gives a key x + noise below best.
 static void check_skip_is_conservative() {
   std::mt19937_64 rng(7);
   std::uniform_real_distribution<float> gap(-3.f, 25.f), level(-2000.f, 2000.f);
   for (int trial = 0; trial < 200000; ++trial) {
     const float best = trial % 4 == 0 ? level(rng) : level(rng) / 100.f;
     const float x = best - gap(rng);
-    const uint32_t limit = reachable_mantissa_limit(best, x);
-    for (uint32_t m = limit + 1; m <= limit + 4 && m < (1u << 23); ++m) {
-      const float key = x + gumbel_noise(m << 9);
-      expect(key < best, "key above the best from a skipped mantissa", key, best);
+    const uint32_t limit = reachable_bits_limit(best, x);
+    for (uint64_t w = uint64_t{limit} + 1; w <= uint64_t{limit} + 4 && w <= 0xffffffffu; ++w) {
+      const float key = x + gumbel_noise(static_cast<uint32_t>(w));
+      expect(key < best, "key above the best from a skipped word", key, best);
     }
   }
-  // The limit is tight enough to skip: a gap of 10 leaves about e^-10 of the mantissas.
-  const uint32_t limit = reachable_mantissa_limit(10.f, 0.f);
-  expect(limit < 400u && limit > 350u, "limit for a gap of 10", limit, std::exp(-10.0) * 8388608.0);
-  expect(reachable_mantissa_limit(-INFINITY, 0.f) == (1u << 23) - 1, "no best key yet", 0, 0);
-  expect(reachable_mantissa_limit(1.f, 5.f) == (1u << 23) - 1, "x above the best", 0, 0);
+  // The limit is tight enough to skip: a gap of 10 leaves about e^-10 of the words.
+  const uint32_t limit = reachable_bits_limit(10.f, 0.f);
+  expect(limit < 196000u && limit > 190000u, "limit for a gap of 10", limit, std::exp(-10.0) * 4294967296.0);
+  expect(reachable_bits_limit(-INFINITY, 0.f) == 0xffffffffu, "no best key yet", 0, 0);
+  expect(reachable_bits_limit(1.f, 5.f) == 0xffffffffu, "x above the best", 0, 0);
+}
+
+// uniform_open01 keeps 2^-32 steps near 0, where the races are decided (its range: philox_known_answers).
+static void check_uniform_resolution() {
+  for (uint32_t w = 0; w < 1000; ++w) {
+    expect(uniform_open01(w) < uniform_open01(w + 1), "distinct small draws", uniform_open01(w), uniform_open01(w + 1));
+  }
+  expect(std::fabs(uniform_open01(0x80000000u) - 0.5f) <= 6e-8f, "the middle word", uniform_open01(0x80000000u), 0.5);
 }
 
 static double reference_lse(const float* x, int n) {
@@ -67,6 +75,7 @@ static void check_values_lse() {
 
 int main() {
   check_skip_is_conservative();
+  check_uniform_resolution();
   check_values_lse();
   if (failures == 0) std::printf("ok\n");
   return failures == 0 ? 0 : 1;

@@ -36,6 +36,10 @@ def test_rows_without_a_token():
     checks.check_rows_without_a_token("cuda", "cuda")
 
 
+def test_an_empty_batch():
+    checks.check_an_empty_batch("cuda", "cuda")
+
+
 @pytest.mark.parametrize("case", range(3))
 def test_opcheck(case):
     args = list(checks.opcheck_samples("cuda"))[case]
