@@ -111,8 +111,11 @@ def test_first_step_matches_loss_from_full_logits(tmp_path, case):
     for name, p in student.named_parameters():
         naive_grad = dict(naive_student.named_parameters())[name].grad
         torch.testing.assert_close(before[name] - p.detach(), naive_grad, rtol=1e-4, atol=2e-6, msg=name)
-    # Neither model ever computed logits for any position.
-    assert head_output_shapes and all(shape[1] == 0 for shape in head_output_shapes)
+    # Neither model computed logits for the batches: only the first step's check that each model's
+    # logits are its head's output ran the heads, on at most 8 positions of one row per model.
+    probes, batches = head_output_shapes[:2], head_output_shapes[2:]
+    assert all(shape[0] == 1 and shape[1] <= 8 for shape in probes)
+    assert batches and all(shape[1] == 0 for shape in batches)
 
 
 def test_bf16_mixed_precision_computes_the_heads_in_bf16(tmp_path, monkeypatch):
@@ -202,6 +205,26 @@ def test_batches_that_do_not_match_their_mask_are_refused(tmp_path):
     batch["attention_mask"] = batch["attention_mask"][:, :-1]
     with pytest.raises(ValueError, match="attention_mask has shape"):
         trainer.compute_loss(trainer.model, batch)
+
+
+def test_a_model_that_scales_its_logits_after_the_head_is_refused(tmp_path):
+    """Granite divides its head's output by config.logits_scaling: the fused loss, which recomputes
+    the logits from the hidden states and the head, would distil other logits than the model's."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, logits_scaling=8.0, pad_token_id=0)
+    batch = pad_batch(token_rows(3, (4, 6)))
+    trainer = DistillationTrainer(model=tiny_llama(0), teacher_model=GraniteForCausalLM(config),
+                                  args=training_args(tmp_path))
+    with pytest.raises(ValueError, match="teacher_model \\(GraniteForCausalLM\\) transforms its logits after the LM head"):
+        trainer.compute_loss(trainer.model, batch)
+    # without the scaling the same model distils
+    config.logits_scaling = 1.0
+    trainer = DistillationTrainer(model=tiny_llama(0), teacher_model=GraniteForCausalLM(config),
+                                  args=training_args(tmp_path))
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 
 
 DDP_WORKER = TESTS_DIR / "hf_trainer_ddp_worker.py"

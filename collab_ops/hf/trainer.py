@@ -112,7 +112,8 @@ def _lm_head(model: nn.Module, name: str) -> nn.Module:
 
 def _final_logit_softcap(model: nn.Module, name: str) -> Optional[float]:
     """The model's own transformation of its head's output: c·tanh(z/c) (Gemma 2/3) or nothing.
-    Other scalings would make the fused loss differ from the model's logits, so they are refused."""
+    Other scalings would make the fused loss differ from the model's logits, so they are refused:
+    Cohere's logit_scale here, any other by the first step's check (_logits_beyond_the_head)."""
     config = getattr(model, "config", None)
     if config is None:
         return None
@@ -156,6 +157,32 @@ def _final_hidden_states(model: nn.Module, head: nn.Module, inputs: dict, name: 
     if len(recorded) != 1:
         raise RuntimeError(f"the LM head of the {name} ran {len(recorded)} times in one forward; expected once")
     return recorded[0], outputs
+
+
+def _logits_beyond_the_head(model: nn.Module, head: nn.Module, inputs: dict, softcap: Optional[float]) -> Optional[str]:
+    """How the model's logits differ from its head's output, soft-capped as the fused loss will,
+    on the first row's first positions of `inputs`; None when they agree to rounding. Catches the
+    scalings some models apply after the head (Granite's logits_scaling, Falcon-H1's
+    lm_head_multiplier, ...) whatever their configuration calls them."""
+    probe = {"input_ids": inputs["input_ids"][:1, :8], "use_cache": False}
+    if inputs.get("attention_mask") is not None:
+        probe["attention_mask"] = inputs["attention_mask"][:1, :8]
+    produced = []
+    handle = head.register_forward_hook(lambda module, args, output: produced.append(output))
+    try:
+        with torch.no_grad():
+            logits = model(**probe).logits
+    finally:
+        handle.remove()
+    if len(produced) != 1 or produced[0].shape != logits.shape:
+        return f"its LM head ran {len(produced)} times or gave another shape than its logits"
+    head_logits = produced[0].float()
+    if softcap is not None:
+        head_logits = softcap * torch.tanh(head_logits / softcap)
+    scale = head_logits.abs().max().clamp(min=1.0)
+    difference = (logits.float() - head_logits).abs().max() / scale
+    tolerance = max(4 * torch.finfo(produced[0].dtype).eps, 1e-5)
+    return None if difference <= tolerance else f"its logits differ from its LM head's output by {difference:.3g} of their scale"
 
 
 class DistillationTrainer(Trainer):
@@ -219,6 +246,22 @@ class DistillationTrainer(Trainer):
             teacher_model.to(student_head.weight.device)
         teacher_model.eval()
         self.kd_options = self._resolved_kd_options(dict(kd_options), student_head, teacher_head)
+        self._heads_checked = False
+
+    def _check_logits_come_from_the_heads(self, student: nn.Module, student_head: nn.Module, inputs: dict) -> None:
+        """Once, on the first batch: each model's logits are its head's output (after its own
+        final_logit_softcapping), which is what the fused loss recomputes from the hidden states."""
+        teacher_head = self.teacher_model.get_output_embeddings()
+        for name, model, head in (("model", student, student_head), ("teacher_model", self.teacher_model, teacher_head)):
+            with self.accelerator.autocast():
+                problem = _logits_beyond_the_head(model, head, inputs, _final_logit_softcap(model, name))
+            if problem is not None:
+                raise ValueError(
+                    f"{name} ({type(model).__name__}) transforms its logits after the LM head ({problem}), e.g. a "
+                    "logits_scaling or lm_head_multiplier; the fused loss, computed from the hidden states and the "
+                    "head, cannot reproduce them"
+                )
+        self._heads_checked = True
 
     def _resolved_kd_options(self, options: dict, student_head: nn.Module, teacher_head: nn.Module) -> dict:
         """kd_options with the defaults that depend on the models, checked by running the loss on
@@ -297,6 +340,8 @@ class DistillationTrainer(Trainer):
 
         student = self.accelerator.unwrap_model(model)
         student_head = student.get_output_embeddings()
+        if not self._heads_checked:
+            self._check_logits_come_from_the_heads(student, student_head, model_inputs)
         student_hidden, outputs = _final_hidden_states(model, student_head, model_inputs, "student")
         teacher_head = self.teacher_model.get_output_embeddings()
         # the same autocast as the student's forward, which the accelerator wraps in it
