@@ -515,6 +515,19 @@ def test_constructor_errors(models):
         CollaborativeLogitsProcessor([aux], [0.5], output="logprobs")
     with pytest.raises(TypeError, match="check_row_order must be a bool"):
         ProxyTuningLogitsProcessor(aux, aux, check_row_order="no")
+    # fusion options are checked when the processor is built, not at the first decoding step
+    with pytest.raises(TypeError, match="unknown fusion option\\(s\\) \\['plausibilty_alpha'\\]"):
+        CollaborativeLogitsProcessor([aux], [0.5], plausibilty_alpha=0.1)
+    with pytest.raises(ValueError, match="fusion_options: plausibility_alpha"):
+        CollaborativeLogitsProcessor([aux], [0.5], plausibility_alpha=2.0)
+    with pytest.raises(ValueError, match="fusion_options: .*temperatures"):
+        CollaborativeLogitsProcessor([aux], [0.5], temperatures=[1.0, -1.0])
+
+
+def test_generating_from_inputs_embeds_is_refused(models):
+    processor = CollaborativeLogitsProcessor([models[1]], [0.5])
+    with pytest.raises(ValueError, match="give generate the prompt as input_ids"):
+        processor(torch.zeros(1, 0, dtype=torch.long), torch.randn(1, VOCAB))
 
 
 def test_models_on_different_devices_are_refused(models):

@@ -278,6 +278,9 @@ def test_bad_input_is_refused_with_the_argument_named(target, close_draft):
         speculative_generate(target, close_draft, ids.float(), attention_mask=mask)
     with pytest.raises(ValueError, match="temperature"):
         speculative_generate(target, close_draft, ids, do_sample=True, temperature=0.0)
+    # greedy decoding ignores the temperature, as generate does
+    assert torch.equal(speculative_generate(target, close_draft, ids, attention_mask=mask, max_new_tokens=2, temperature=0.0),
+                       speculative_generate(target, close_draft, ids, attention_mask=mask, max_new_tokens=2))
     with pytest.raises(ValueError, match="vocab_size=80 but target scores only 64"):
         speculative_generate(target, close_draft, ids, vocab_size=80)
     with pytest.raises(TypeError, match="draft must be a model"):

@@ -15,7 +15,10 @@ from transformers import DynamicCache, LogitsProcessor
 
 from .. import presets
 from .._validation import check_bool, check_positive
-from ..ops.fusion import PreparedFuseLogits, _canonical_grid, dynamic_fusion_weights
+from ..ops.fusion import PreparedFuseLogits, _canonical_grid, dynamic_fusion_weights, fuse_logits
+
+# fuse_logits options a processor passes through (output is fixed to "logits").
+FUSION_OPTIONS = ("temperatures", "normalize", "plausibility_alpha", "plausibility_ref", "vocab_size", "backend")
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -85,6 +88,11 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
         if input_ids.device != self.device:
             raise ValueError(f"input_ids are on {input_ids.device} but the auxiliary models on {self.device}")
         batch, length = input_ids.shape
+        if length == 0:
+            raise ValueError(
+                "the processor got no prompt tokens: give generate the prompt as input_ids (with inputs_embeds "
+                "the auxiliary models, which run on token ids, never see the prompt)"
+            )
         if self._mask_buffer is None:
             mask = self._prompt_mask
             if mask is None:
@@ -111,8 +119,9 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
             )
         if length != self._length + 1:
             raise ValueError(
-                f"expected {self._length + 1} tokens (one new one) but got {length}; "
-                "use a fresh processor for each generate call"
+                f"expected {self._length + 1} tokens (one new one) but got {length}; use a fresh processor for each "
+                "generate call (assisted generation and prompt lookup decoding, which call processors on candidate "
+                "prefixes, are not supported)"
             )
         if length > self._mask_buffer.shape[1]:
             self._mask_buffer = torch.cat([self._mask_buffer, torch.ones_like(self._mask_buffer)], dim=-1)
@@ -215,6 +224,20 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
         self.weights = [float(main_weight), *weights]
         self.fusion_options = fusion_options
         self._fuse = PreparedFuseLogits(output="logits", **fusion_options)
+        self._check_fusion_options(models)
+
+    def _check_fusion_options(self, models: list) -> None:
+        """Raise now, not at the first decoding step, for options fuse_logits would refuse: a fusion
+        of empty batches of the models' widths (the main model's taken as the narrowest's)."""
+        unknown = sorted(set(self.fusion_options) - set(FUSION_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown fusion option(s) {unknown}; expected some of {FUSION_OPTIONS}")
+        widths = [model.get_output_embeddings().weight.shape[0] for model in models]
+        empty = [torch.zeros(0, width, device=self.device) for width in (min(widths), *widths)]
+        try:
+            fuse_logits(empty, self.weights, output="logits", **self.fusion_options)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"fusion_options: {error}") from error
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

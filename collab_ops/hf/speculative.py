@@ -264,7 +264,8 @@ def speculative_generate(
     num_draft_tokens = check_int("num_draft_tokens", num_draft_tokens, minimum=1)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, minimum=1)
     do_sample = check_bool("do_sample", do_sample)
-    temperature = check_positive("temperature", temperature)
+    # greedy decoding ignores the temperature, as generate does (which accepts 0 there)
+    temperature = check_positive("temperature", temperature) if do_sample else 1.0
     return_stats = check_bool("return_stats", return_stats)
     if vocab_size is not None:
         vocab_size = check_int("vocab_size", vocab_size, minimum=1)
