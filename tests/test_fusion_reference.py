@@ -180,6 +180,14 @@ def test_plausibility_mask_known_answer(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_a_plausibility_alpha_below_float32s_range_still_excludes_by_the_rule(backend):
+    # α = 1e-50 is 0 in float32: p ratios e^-50 (kept), e^-200 and 0 (both excluded).
+    expert = torch.tensor([[0.0, -50.0, -200.0, -INF]])
+    out = fuse_logits([expert], [1.0], plausibility_alpha=1e-50, normalize=False, output="logits", backend=backend)
+    assert torch.isfinite(out[0, :2]).all() and (out[0, 2:] == -INF).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_plausibility_uses_reference_temperature_and_zero_weight_reference(backend):
     g = torch.Generator().manual_seed(6)
     logits = random_logits(g, 3, [12, 12])

@@ -156,6 +156,14 @@ def test_single_token_vocabulary_and_single_survivor(backend):
     assert survivor.tolist() == [4, 4, 4, 4]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_scores_that_overflow_after_the_temperature_still_sample(backend):
+    """s / T overflows float32 here, softmax(s / T) does not: all mass on token 0."""
+    scores = torch.tensor([[2e38, 1e38, 0.0]])
+    tokens = fused_sample([scores], [1.0], normalize=False, temperature=0.5, seed=3, backend=backend)
+    assert tokens.tolist() == [0]
+
+
 def test_equally_likely_tokens_show_no_bias_toward_low_ids():
     """A flat row of 2^22 tokens: the Gumbel-max draw is won by the smallest uniform of the row, and
     with 23 random bits per uniform about 40% of draws would tie there, ties going to the lowest id

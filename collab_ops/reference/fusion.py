@@ -23,6 +23,8 @@ Fusion rules shared by `fuse_logits` and `fused_sample` (DESIGN.md, "Logit arith
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Sequence
 
 import torch
@@ -80,10 +82,11 @@ def fused_scores(
 
     if plausibility_alpha is not None:
         reference = logits[plausibility_ref][:, :vocab_size].to(dtype) / temperatures[plausibility_ref]
-        # p_ref(x) / max p_ref = exp(r(x) − max r). In an all −inf row the ratio is NaN and the
-        # negated comparison marks every token implausible, as it should.
-        ratio = torch.exp(reference - reference.max(dim=-1, keepdim=True).values)
-        implausible = ~(ratio >= plausibility_alpha)
+        # log(p_ref(x) / max p_ref) = r(x) − max r, compared with log α (α itself could round to 0
+        # in the compute dtype). In an all −inf row the difference is NaN and the negated
+        # comparison marks every token implausible, as it should.
+        log_ratio = reference - reference.max(dim=-1, keepdim=True).values
+        implausible = ~(log_ratio >= math.log(plausibility_alpha))
         scores = scores.masked_fill(implausible, float("-inf"))
         poisoned |= torch.isnan(reference).any(dim=-1)
 
@@ -204,7 +207,9 @@ def fused_sample(
     if greedy:
         tokens = torch.argmax(scores, dim=-1)
     else:
-        x = scores / temperature
+        # Shifted by the row maximum first, which changes no filter or probability, so that a small
+        # temperature cannot overflow finite scores to inf.
+        x = (scores - scores.max(dim=-1, keepdim=True).values) / temperature
         x = _keep_top_k(x, top_k)
         x = _keep_top_p(x, top_p)
         x = _keep_min_p(x, min_p)
