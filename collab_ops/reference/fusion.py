@@ -24,7 +24,6 @@ Fusion rules shared by `fuse_logits` and `fused_sample` (DESIGN.md, "Logit arith
 from __future__ import annotations
 
 import math
-
 from typing import Optional, Sequence
 
 import torch

@@ -57,14 +57,14 @@ COLLAB_HD bool is_undefined_score(float score) { return !(score < INFINITY); }
 // accurate for small u, the large-noise tail that decides the argmax, where logf(u) near 1 would not.
 COLLAB_HD float gumbel_noise(uint32_t bits) { return -logf(-log1pf(-uniform_open01(bits))); }
 
-// Above the largest noise gumbel_noise can return (u = 2^-24 gives 16.635).
-constexpr float kGumbelNoiseBound = 16.7f;
+// Above the largest noise gumbel_noise can return (the smallest u, 2^-33, gives 22.874).
+constexpr float kGumbelNoiseBound = 22.9f;
 
 // The largest random word w (u = uniform_open01(w) ~ (w + 0.5) 2^-32) whose Gumbel noise can lift
 // a token scoring at most x to `current_best`: noise >= d = current_best - x needs
 // E = -log1p(-u) <= exp(-d), so u <= 1 - exp(-exp(-d)) <= exp(-d). A token whose word is above
 // the limit cannot win, so a kernel skips its logarithms; with real logits nearly every token is
-// skipped this way, where the noise bound alone skips only tokens 16.7 below the best key. The
+// skipped this way, where the noise bound alone skips only tokens 22.9 below the best key. The
 // margin on d covers expf's error, the float rounding of u and of x + noise, so skipping never
 // changes the token, and the CPU and CUDA kernels (which skip by their own tiling) still agree.
 COLLAB_HD uint32_t reachable_bits_limit(float current_best, float x) {

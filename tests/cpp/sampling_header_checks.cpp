@@ -42,6 +42,9 @@ static void check_uniform_resolution() {
     expect(uniform_open01(w) < uniform_open01(w + 1), "distinct small draws", uniform_open01(w), uniform_open01(w + 1));
   }
   expect(std::fabs(uniform_open01(0x80000000u) - 0.5f) <= 6e-8f, "the middle word", uniform_open01(0x80000000u), 0.5);
+  // The skip below x + kGumbelNoiseBound relies on no draw's noise reaching the bound.
+  expect(gumbel_noise(0u) < kGumbelNoiseBound && gumbel_noise(0u) > kGumbelNoiseBound - 0.1f, "the largest noise",
+         gumbel_noise(0u), kGumbelNoiseBound);
 }
 
 static double reference_lse(const float* x, int n) {
