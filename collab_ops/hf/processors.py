@@ -25,11 +25,13 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _vocab_width(model: torch.nn.Module) -> int:
-    """The width of the model's logits: its LM head's rows, else its config's vocab_size."""
+def _score_width(model: torch.nn.Module) -> int:
+    """Columns of the model's scores: its LM head's rows (padded embeddings included)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
-    return weight.shape[0] if isinstance(weight, torch.Tensor) else model.config.vocab_size
+    if isinstance(weight, torch.Tensor):
+        return weight.shape[0]
+    return model.config.get_text_config().vocab_size
 
 
 def _last_positions_kwargs(model: torch.nn.Module, count: int) -> dict:
@@ -239,7 +241,7 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
         unknown = sorted(set(self.fusion_options) - set(FUSION_OPTIONS))
         if unknown:
             raise TypeError(f"unknown fusion option(s) {unknown}; expected some of {FUSION_OPTIONS}")
-        widths = [_vocab_width(model) for model in models]
+        widths = [_score_width(model) for model in models]
         empty = [torch.zeros(0, width, device=self.device) for width in (min(widths), *widths)]
         try:
             fuse_logits(empty, self.weights, output="logits", **self.fusion_options)

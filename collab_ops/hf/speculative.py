@@ -42,7 +42,7 @@ from transformers import DynamicCache
 from .._validation import INDEX_DTYPES, canonical_seed, check_bool, check_int, check_positive, check_tensor
 from ..ops.fusion import fused_sample
 from ..ops.speculative import _as_int64, _spread_row_seeds, speculative_verify
-from .processors import _last_positions_kwargs, _model_device
+from .processors import _last_positions_kwargs, _model_device, _score_width
 
 # Odd 64-bit constant (the splitmix64 multiplier) that spaces the random streams of successive
 # sampling calls. It differs from the row stride of speculative_verify's seed spreading, so that
@@ -380,15 +380,6 @@ def speculative_generate(
     if return_stats:
         return sequences, SpeculativeStats(drafted=drafted.cpu(), accepted=accepted.cpu(), rounds=rounds)
     return sequences
-
-
-def _score_width(model: torch.nn.Module) -> int:
-    """Columns of the model's scores: its LM head's rows (padded embeddings included)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        return weight.shape[0]
-    return model.config.get_text_config().vocab_size
 
 
 def _shared_vocab_size(vocab_size: Optional[int], targets: list[torch.nn.Module], draft: torch.nn.Module) -> int:
