@@ -166,14 +166,19 @@ def philox4x32_10(counter, key):
     return c
 
 
-def gumbel_noise(row, vocab, seed, row_seeded):
-    """Every column's noise as the kernels draw it, in float64: the row's Philox stream (its own seed,
-    or the batch seed with the row as stream), columns 4g..4g+3 from counter g."""
+def random_words(row, vocab, seed, row_seeded):
+    """Every column's 32-bit Philox word as the kernels draw it: the row's stream (its own seed, or
+    the batch seed with the row as stream), columns 4g..4g+3 from counter g."""
     groups = np.arange((vocab + 3) // 4, dtype=np.uint64)
     stream = 0 if row_seeded else row
     zeros = np.zeros_like(groups)
     words = philox4x32_10([groups, zeros, zeros + np.uint64(stream), zeros], seed % 2**64)
-    bits = np.stack(words, axis=1).reshape(-1)[:vocab]
+    return np.stack(words, axis=1).reshape(-1)[:vocab]
+
+
+def gumbel_noise(row, vocab, seed, row_seeded):
+    """Every column's noise as the kernels draw it, in float64 (see random_words)."""
+    bits = random_words(row, vocab, seed, row_seeded)
     # uniform_open01 (csrc/common/philox.h): float32 rounding included, so that the oracle's noise
     # is the kernels' up to their logarithms' error
     u = (bits.astype(np.float32) + np.float32(0.5)) * np.float32(2.0**-32)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
+import fused_sample_checks as sample_checks
 import fusion_oracle as oracle
 from collab_ops.ops.fusion import fused_sample
 from backends import cpu_backends
@@ -164,19 +165,19 @@ def test_finite_scores_that_overflow_after_the_temperature_still_sample(backend)
     assert tokens.tolist() == [0]
 
 
-def test_equally_likely_tokens_show_no_bias_toward_low_ids():
-    """A flat row of 2^22 tokens: the Gumbel-max draw is won by the smallest uniform of the row, and
-    with 23 random bits per uniform about 40% of draws would tie there, ties going to the lowest id
-    (a mean position near 0.44, 5 standard deviations off); with 32 bits ties are rare. The CPU
-    kernel draws the CUDA kernel's Philox stream, so this covers both."""
+def test_equally_likely_tokens_are_decided_by_the_smallest_random_word():
+    """In a flat row the Gumbel-max draw is won by the column with the smallest uniform. With all 32
+    bits of each Philox word in the uniform that is the smallest word of the row; with 23 bits about
+    a fifth of these 2^22-token rows would tie at the top and give the lower id instead (9 of these
+    48 rows). The CPU kernel draws the CUDA kernel's stream, so this covers both."""
     if "cpu" not in BACKENDS:
         pytest.skip("the compiled fused_sample kernel is not built")
-    vocab, rows, per_call = 1 << 22, 512, 32
-    logits = torch.zeros(per_call, vocab)
-    tokens = torch.cat([fused_sample([logits], [1.0], seed=torch.arange(per_call) + call * per_call + 1, backend="cpu")
-                        for call in range(rows // per_call)])
-    position = tokens.double() / vocab
-    assert abs(position.mean().item() - 0.5) < 4 * (1 / 12 / rows) ** 0.5
+    vocab, rows = 1 << 22, 48
+    seeds = torch.arange(rows) * 7919 + 11
+    tokens = fused_sample([torch.zeros(rows, vocab)], [1.0], seed=seeds, backend="cpu")
+    for row in range(rows):
+        words = sample_checks.random_words(row, vocab, int(seeds[row]), row_seeded=True)
+        assert int(tokens[row]) == int(np.argmin(words)), row
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
