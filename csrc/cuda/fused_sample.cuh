@@ -12,6 +12,8 @@
 // The plain proxy-tuning / contrastive step without cuts is therefore a single launch (plus the
 // memset of the row states).
 #pragma once
+#include <cfloat>
+
 #include <cub/block/block_reduce.cuh>
 
 #include "common/sampling.h"
@@ -20,10 +22,12 @@ namespace collab_ops {
 namespace cuda {
 
 constexpr int kSampleThreads = 256;
-// Each thread takes 4 adjacent columns per sweep, one Philox draw. Loops over a thread's columns
-// run over all 4 lanes with a `lane < count` predicate: a runtime trip count would put the
-// per-lane arrays in local memory (ptxas: a 64-byte stack frame and spills).
-constexpr int64_t kColumnsPerSweep = 4 * kSampleThreads;
+// Each thread takes 8 adjacent columns per sweep: two Philox draws of 4 words, independent, so
+// their multiply chains overlap, and one 16-byte load per 16-bit model. Loops over a thread's
+// columns run over all 8 lanes with a `lane < count` predicate: a runtime trip count would put the
+// per-lane arrays in local memory (ptxas: a stack frame and spills).
+constexpr int kColumnsPerThread = 8;
+constexpr int64_t kColumnsPerSweep = kColumnsPerThread * kSampleThreads;
 
 struct ChunkPartial {
   Candidate best;
@@ -64,64 +68,114 @@ struct ModelRow {
   float inv_temperature;
   float weight;
   ScalarKind kind;
-  bool vector_loads;  // 4 adjacent columns starting at a multiple of 4 are one aligned load
+  bool vector_loads;  // the row starts on 16 bytes: a thread's 8 columns are 16-byte loads
 };
 
 __device__ __forceinline__ ModelRow model_row(const FusionParams& p, int k, int64_t row) {
   const int64_t element_bytes = p.kind[k] == ScalarKind::kFloat32 ? 4 : 2;
   const char* data = static_cast<const char*>(p.logits[k]) + row * p.row_stride[k] * element_bytes;
-  const bool aligned = reinterpret_cast<uintptr_t>(data) % (4 * element_bytes) == 0;
+  const bool aligned = reinterpret_cast<uintptr_t>(data) % 16 == 0;
   return ModelRow{data, p.inv_temperature[k], fusion_weight(p, row, k), p.kind[k], aligned};
 }
 
-// Columns col .. col + count - 1 (count <= 4, col a multiple of 4) of one model, divided by its
-// temperature: one 8- or 16-byte load where the row is aligned, element loads otherwise.
-__device__ __forceinline__ void load_four(const ModelRow& m, int64_t col, int count, float (&z)[4]) {
-  if (count == 4 && m.vector_loads) {
+// Columns col .. col + count - 1 (count <= 8, col a multiple of 8) of one model, divided by its
+// temperature: 16-byte loads where the row is aligned, element loads otherwise.
+__device__ __forceinline__ void load_columns(const ModelRow& m, int64_t col, int count,
+                                             float (&z)[kColumnsPerThread]) {
+  if (count == kColumnsPerThread && m.vector_loads) {
     if (m.kind == ScalarKind::kFloat32) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(static_cast<const float*>(m.data) + col));
-      z[0] = v.x, z[1] = v.y, z[2] = v.z, z[3] = v.w;
+      const float4* v = reinterpret_cast<const float4*>(static_cast<const float*>(m.data) + col);
+      const float4 low = __ldg(v), high = __ldg(v + 1);
+      z[0] = low.x, z[1] = low.y, z[2] = low.z, z[3] = low.w;
+      z[4] = high.x, z[5] = high.y, z[6] = high.z, z[7] = high.w;
     } else {
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(m.data) + col));
-      const uint16_t h[4] = {static_cast<uint16_t>(v.x), static_cast<uint16_t>(v.x >> 16),
-                             static_cast<uint16_t>(v.y), static_cast<uint16_t>(v.y >> 16)};
-      for (int lane = 0; lane < 4; ++lane) {
-        z[lane] = m.kind == ScalarKind::kBFloat16 ? bfloat16_to_float(h[lane]) : float16_to_float(h[lane]);
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(m.data) + col));
+      const uint32_t pairs[4] = {v.x, v.y, v.z, v.w};
+      if (m.kind == ScalarKind::kBFloat16) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          z[2 * i] = bits_to_float(pairs[i] << 16);
+          z[2 * i + 1] = bits_to_float(pairs[i] & 0xffff0000u);
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          z[2 * i] = float16_to_float(static_cast<uint16_t>(pairs[i]));
+          z[2 * i + 1] = float16_to_float(static_cast<uint16_t>(pairs[i] >> 16));
+        }
       }
     }
   } else {
-    for (int lane = 0; lane < 4; ++lane) z[lane] = lane < count ? load_as_float(m.data, m.kind, col + lane) : 0.f;
+#pragma unroll
+    for (int lane = 0; lane < kColumnsPerThread; ++lane) {
+      z[lane] = lane < count ? load_as_float(m.data, m.kind, col + lane) : 0.f;
+    }
   }
-  for (int lane = 0; lane < 4; ++lane) z[lane] *= m.inv_temperature;
+#pragma unroll
+  for (int lane = 0; lane < kColumnsPerThread; ++lane) z[lane] *= m.inv_temperature;
 }
 
-// s(x) / temperature-ready scores of 4 columns, as the reference builds them (see common/sampling.h),
-// -inf where implausible.
+// The plausibility cut of the reference model: -inf at the thread's columns it rules out.
+__device__ __forceinline__ void apply_plausibility(const FusionParams& p, const ModelRow* models,
+                                                   float plausibility_cut, int64_t col, int count,
+                                                   float (&score)[kColumnsPerThread]) {
+  float ref[kColumnsPerThread];
+  load_columns(models[p.plausibility_ref], col, count, ref);
+#pragma unroll
+  for (int lane = 0; lane < kColumnsPerThread; ++lane) {
+    if (lane < count && ref[lane] < plausibility_cut) score[lane] = -INFINITY;
+  }
+}
+
+// s(x) / temperature-ready scores of the thread's columns, as the reference builds them (see
+// common/sampling.h), -inf where implausible; `undefined` is set by a NaN, or a +inf that survives.
 __device__ __forceinline__ void sampling_scores(const FusionParams& p, const ModelRow* models, float plausibility_cut,
-                                                int64_t col, int count, float (&score)[4], bool& undefined) {
-  for (int lane = 0; lane < 4; ++lane) score[lane] = 0.f;
+                                                int64_t col, int count, float (&score)[kColumnsPerThread],
+                                                bool& undefined) {
+#pragma unroll
+  for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] = 0.f;
   for (int k = 0; k < p.num_models; ++k) {
     const float w = models[k].weight;
     if (w == 0.f) continue;
-    float z[4];
-    load_four(models[k], col, count, z);
+    float z[kColumnsPerThread];
+    load_columns(models[k], col, count, z);
 #pragma unroll
-    for (int lane = 0; lane < 4; ++lane) if (lane < count) {
+    for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) {
       // log_softmax of a row holding +inf is NaN/-inf everywhere: no token.
       undefined |= (z[lane] != z[lane]) || (p.normalize && z[lane] == INFINITY);
       score[lane] = add_weighted(score[lane], w, z[lane]);
     }
   }
-  if (p.use_plausibility) {
-    float ref[4];
-    load_four(models[p.plausibility_ref], col, count, ref);
+  if (p.use_plausibility) apply_plausibility(p, models, plausibility_cut, col, count, score);
 #pragma unroll
-    for (int lane = 0; lane < 4; ++lane) if (lane < count) {
-      if (ref[lane] < plausibility_cut) score[lane] = -INFINITY;
-    }
+  for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) undefined |= is_undefined_score(score[lane]);
+}
+
+// sampling_scores for the common case, in which every used model's value and the weighted sum are
+// finite at every column of the thread: then the reference's -inf / +inf / NaN rules change
+// nothing, and one check per column replaces them. Returns false, having computed nothing the
+// caller may use, when any sum is not finite; sampling_scores then recomputes the columns.
+__device__ __forceinline__ bool finite_sampling_scores(const FusionParams& p, const ModelRow* models,
+                                                       float plausibility_cut, int64_t col, int count,
+                                                       float (&score)[kColumnsPerThread]) {
+#pragma unroll
+  for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] = 0.f;
+  for (int k = 0; k < p.num_models; ++k) {
+    const float w = models[k].weight;
+    if (w == 0.f) continue;
+    float z[kColumnsPerThread];
+    load_columns(models[k], col, count, z);
+#pragma unroll
+    for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] = add_product(score[lane], w, z[lane]);
   }
+  // A non-finite value of any model makes its column's sum non-finite (-inf, +inf or NaN, never
+  // finite again), and the lanes past `count` hold 0: one test covers every rule.
+  bool finite = true;
 #pragma unroll
-  for (int lane = 0; lane < 4; ++lane) if (lane < count) undefined |= is_undefined_score(score[lane]);
+  for (int lane = 0; lane < kColumnsPerThread; ++lane) finite &= fabsf(score[lane]) < INFINITY;
+  if (!finite) return false;
+  if (p.use_plausibility) apply_plausibility(p, models, plausibility_cut, col, count, score);
+  return true;
 }
 
 // Reads a partial another block wrote, past this SM's L1.
@@ -153,6 +207,8 @@ __global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chu
   const float scale = s.greedy ? 1.f : s.inv_temperature;
   const float min_p_cut = uses_min_p(s) ? state.x_max + s.log_min_p : -INFINITY;
   const float keep_from = fmaxf(min_p_cut, kPass == ChunkPass::kSampleWorkspace ? state.value_cut : -INFINITY);
+  // The lowest score a drawn column may have: -inf is never drawn, and x >= draw_from is false for NaN.
+  const float draw_from = fmaxf(keep_from, -FLT_MAX);
   float* scores_row = layout.scores == nullptr ? nullptr : layout.scores + row * p.vocab;
   float local_max = -INFINITY;
   bool undefined = false;
@@ -162,54 +218,66 @@ __global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chu
   // word decides (reachable_bits_limit) whether it needs the logarithms, which only a few
   // columns of a row do once the bar has risen. Skipping never changes the token, so the CPU kernel
   // (which skips by its own tiling) still agrees. Warps publish their best key after every sweep of
-  // 1024 columns and read the block's without a barrier: the value only grows and is always a drawn
+  // 2048 columns and read the block's without a barrier: the value only grows and is always a drawn
   // key, so a stale read only skips less.
   float shared_best_key = -INFINITY;
+  // Read once: inside the loop the compiler would reload the seed from memory for every draw.
+  const RowStream stream = draw ? row_stream(s, row) : RowStream{0, 0};
   if (!state.no_token) {
     // Every thread runs every sweep, so that the warp can share its best key after each one.
     for (int64_t sweep = begin; sweep < end; sweep += kColumnsPerSweep) {
-      const int64_t first = sweep + 4 * threadIdx.x;
-      const int count = first >= end ? 0 : (end - first < 4 ? static_cast<int>(end - first) : 4);
-      float x[4];
+      const int64_t first = sweep + kColumnsPerThread * threadIdx.x;
+      const int count = first >= end ? 0 : static_cast<int>(end - first < kColumnsPerThread ? end - first : kColumnsPerThread);
+      float x[kColumnsPerThread];
       if (kPass == ChunkPass::kReferenceMax) {
-        load_four(models[p.plausibility_ref], first, count, x);
+        load_columns(models[p.plausibility_ref], first, count, x);
 #pragma unroll
-        for (int lane = 0; lane < 4; ++lane) if (lane < count) undefined |= x[lane] != x[lane];
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) undefined |= x[lane] != x[lane];
       } else if (kPass == ChunkPass::kSampleWorkspace) {
-        for (int lane = 0; lane < 4; ++lane) x[lane] = lane < count ? scores_row[first + lane] : -INFINITY;
-      } else {
-        sampling_scores(p, models, state.plausibility_cut, first, count, x, undefined);
 #pragma unroll
-        for (int lane = 0; lane < 4; ++lane) if (lane < count) {
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) {
+          x[lane] = lane < count ? scores_row[first + lane] : -INFINITY;
+        }
+      } else {
+        if (!finite_sampling_scores(p, models, state.plausibility_cut, first, count, x)) {
+          sampling_scores(p, models, state.plausibility_cut, first, count, x, undefined);
+        }
+#pragma unroll
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) {
           x[lane] *= scale;
           if (kPass == ChunkPass::kStats && scores_row != nullptr) scores_row[first + lane] = x[lane];
         }
       }
+      if (!kSample) {  // the sampling passes' fold reads no maximum
 #pragma unroll
-      for (int lane = 0; lane < 4; ++lane) if (lane < count) local_max = fmaxf(local_max, x[lane]);
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) local_max = fmaxf(local_max, x[lane]);
+      }
       if (kSample && s.greedy) {
 #pragma unroll
-        for (int lane = 0; lane < 4; ++lane) if (lane < count) {
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) {
           if (x[lane] != -INFINITY) best = better_candidate(best, Candidate{x[lane], first + lane});
         }
       } else if (draw) {
         const float must_reach = fmaxf(shared_best_key, best.key);
-        bool reachable[4];
+        bool reachable[kColumnsPerThread];
         bool any_reachable = false;
-        for (int lane = 0; lane < 4; ++lane) {
-          // x >= keep_from is false for NaN; -inf is never drawn.
-          reachable[lane] = lane < count && x[lane] >= keep_from && x[lane] != -INFINITY &&
-                            !(x[lane] + kGumbelNoiseBound < must_reach);
+        float top = -INFINITY;
+#pragma unroll
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) {
+          reachable[lane] = lane < count && x[lane] >= draw_from && !(x[lane] + kGumbelNoiseBound < must_reach);
           any_reachable |= reachable[lane];
+          top = reachable[lane] ? fmaxf(top, x[lane]) : top;
         }
         if (any_reachable) {
-          const Philox4 bits = sampling_bits(s, row, first / 4);
-          float top = -INFINITY;
-          for (int lane = 0; lane < 4; ++lane) top = reachable[lane] ? fmaxf(top, x[lane]) : top;
+          // Both draws unconditionally: they interleave, and a thread that needs one nearly always
+          // needs the other. One limit from the larger score of the 8 only skips less.
+          const Philox4 bits[2] = {sampling_bits(stream, first / 4), sampling_bits(stream, first / 4 + 1)};
           const uint32_t bits_limit = reachable_bits_limit(must_reach, top);
-          for (int lane = 0; lane < 4; ++lane) {
-            if (reachable[lane] && noise_can_reach(bits.v[lane], bits_limit)) {
-              best = better_candidate(best, Candidate{x[lane] + gumbel_noise(bits.v[lane]), first + lane});
+#pragma unroll
+          for (int lane = 0; lane < kColumnsPerThread; ++lane) {
+            const uint32_t word = bits[lane / 4].v[lane % 4];
+            if (reachable[lane] && noise_can_reach(word, bits_limit)) {
+              best = better_candidate(best, Candidate{x[lane] + gumbel_noise(word), first + lane});
             }
           }
         }
