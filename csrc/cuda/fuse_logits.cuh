@@ -9,7 +9,7 @@
 // the next kernel:
 //   1. (logits output or plausibility mask) model_stats_kernel: per chunk and model, max/lse;
 //   2. score_kernel: merges 1 into the per-row offsets and cut, writes the fused scores and the
-//      chunk's log-sum-exp state of them;
+//      log-sum-exp state of them of its chunks (several per block when the batch is large);
 //   3. finish_kernel: merges 2 per row, subtracts the row's log-sum-exp (log-prob output) and
 //      turns a row with a NaN in a participating model into all NaN.
 #pragma once
@@ -44,8 +44,12 @@ __device__ OnlineLse block_merge_lse(OnlineLse local) {
 // Partial states live in [batch, num_chunks(, num_models)] workspaces.
 struct FusionWorkspace {
   OnlineLse* model_stats;  // [batch, num_chunks, num_models], used by kernels 1 and 2
-  OnlineLse* score_stats;  // [batch, num_chunks]
+  OnlineLse* score_stats;  // [batch, score_blocks]
   int64_t num_chunks;
+  // score_kernel's blocks each take chunks_per_score_block consecutive chunks of a row (the last
+  // block of a row fewer), so that its setup and block-wide merge are paid per block, not per chunk.
+  int64_t chunks_per_score_block;
+  int64_t score_blocks;  // per row
 };
 
 // One warp merges `count` partial states (lane i takes i, i + 32, ...; then a shuffle tree), so that
@@ -64,17 +68,48 @@ __device__ __forceinline__ OnlineLse warp_merge_partials(const OnlineLse* partia
   return state;
 }
 
+// A thread's columns of a chunk are the kColumnsPerThread adjacent ones from this one: where the
+// row starts on 16 bytes they are one (16-bit) or two (fp32) 16-byte loads, and a warp's loads
+// cover 512 contiguous bytes.
+__device__ __forceinline__ int64_t thread_first_column(int64_t begin) {
+  return begin + static_cast<int64_t>(kColumnsPerThread) * threadIdx.x;
+}
+
+__device__ __forceinline__ void unpack(const uint4& raw, uint16_t* values) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    values[2 * j] = static_cast<uint16_t>(words[j] & 0xffffu);
+    values[2 * j + 1] = static_cast<uint16_t>(words[j] >> 16);
+  }
+}
+
+__device__ __forceinline__ void unpack(const uint4& raw, float* values) {
+  values[0] = __uint_as_float(raw.x), values[1] = __uint_as_float(raw.y);
+  values[2] = __uint_as_float(raw.z), values[3] = __uint_as_float(raw.w);
+}
+
 // kFull: the chunk lies inside the vocabulary (every chunk of a row but the last), so the loads
 // need no bounds check; the kernels branch on it once per block.
 template <bool kFull, typename Element, typename Convert>
 __device__ __forceinline__ void load_typed_columns(const Element* row_data, int64_t begin, int64_t vocab,
                                                    float inv_temperature, Convert convert, float* z) {
-  const Element* first = row_data + begin + threadIdx.x;
+  const int64_t first = thread_first_column(begin);
+  const Element* source = row_data + first;
+  if (kFull && reinterpret_cast<uintptr_t>(row_data) % 16 == 0) {
+    constexpr int kPerLoad = 16 / sizeof(Element);
+    Element values[kColumnsPerThread];
 #pragma unroll
-  for (int i = 0; i < kColumnsPerThread; ++i) {
-    z[i] = kFull || begin + i * kFusionThreads + threadIdx.x < vocab
-               ? convert(__ldg(first + i * kFusionThreads)) * inv_temperature
-               : -INFINITY;
+    for (int j = 0; j < kColumnsPerThread / kPerLoad; ++j) {
+      unpack(__ldg(reinterpret_cast<const uint4*>(source) + j), values + j * kPerLoad);
+    }
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) z[i] = convert(values[i]) * inv_temperature;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) {
+      z[i] = kFull || first + i < vocab ? convert(__ldg(source + i)) * inv_temperature : -INFINITY;
+    }
   }
 }
 
@@ -121,6 +156,30 @@ __global__ void __launch_bounds__(kFusionThreads) model_stats_kernel(FusionParam
   }
 }
 
+// Adds w_k (z_k - c_k) of every used model to the thread's columns. Exact: the rules of
+// common/fusion.h, a -inf excluding its column (bit i of `excluded`) and a NaN setting `saw_nan`.
+// Not exact: the sums alone, for the common case in which every value is finite.
+template <bool kFull, bool kExact>
+__device__ __forceinline__ void add_models(const FusionParams& p, const float* weight, const float* offset,
+                                           int64_t row, int64_t begin, float (&score)[kColumnsPerThread],
+                                           uint32_t& excluded, bool& saw_nan) {
+  for (int k = 0; k < p.num_models; ++k) {
+    const float w = weight[k];
+    if (w == 0.f) continue;  // uniform across the block
+    float z[kColumnsPerThread];
+    load_model_columns<kFull>(p, k, row, begin, z);
+    const float c = offset[k];
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) {
+      if (kExact) {
+        saw_nan |= z[i] != z[i];
+        excluded |= static_cast<uint32_t>(z[i] == -INFINITY) << i;
+      }
+      score[i] += w * (z[i] - c);
+    }
+  }
+}
+
 // The thread's columns of the fused score: s, or -inf where a model excludes the token or the
 // plausibility cut does; `saw_nan` is set by a NaN in a participating model.
 template <bool kFull>
@@ -132,8 +191,6 @@ __device__ __forceinline__ void score_columns(const FusionParams& p, const float
   // out aliasing), leaving each thread one load in flight.
   // Bit i: column i is excluded (one register rather than a predicate or register per column).
   uint32_t excluded = 0;
-#pragma unroll
-  for (int i = 0; i < kColumnsPerThread; ++i) score[i] = 0.f;
   if (p.use_plausibility) {
     float z[kColumnsPerThread];
     load_model_columns<kFull>(p, p.plausibility_ref, row, begin, z);
@@ -143,28 +200,58 @@ __device__ __forceinline__ void score_columns(const FusionParams& p, const float
       excluded |= static_cast<uint32_t>(z[i] < plausibility_cut) << i;
     }
   }
-  for (int k = 0; k < p.num_models; ++k) {
-    const float w = weight[k];
-    if (w == 0.f) continue;  // uniform across the block
-    float z[kColumnsPerThread];
-    load_model_columns<kFull>(p, k, row, begin, z);
-    const float c = offset[k];
 #pragma unroll
-    for (int i = 0; i < kColumnsPerThread; ++i) {
-      saw_nan |= z[i] != z[i];
-      excluded |= static_cast<uint32_t>(z[i] == -INFINITY) << i;
-      score[i] += w * (z[i] - c);
-    }
+  for (int i = 0; i < kColumnsPerThread; ++i) score[i] = 0.f;
+  add_models<kFull, false>(p, weight, offset, row, begin, score, excluded, saw_nan);
+  // A -inf, +inf or NaN value (or a column past the vocabulary, loaded as -inf) leaves its sum
+  // non-finite: only then are the columns summed again under the exact rules.
+  bool finite = true;
+#pragma unroll
+  for (int i = 0; i < kColumnsPerThread; ++i) finite &= fabsf(score[i]) < INFINITY;
+  if (!finite) {
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) score[i] = 0.f;
+    add_models<kFull, true>(p, weight, offset, row, begin, score, excluded, saw_nan);
   }
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) {
-    const bool in_vocab = kFull || begin + i * kFusionThreads + threadIdx.x < p.vocab;
+    const bool in_vocab = kFull || thread_first_column(begin) + i < p.vocab;
     score[i] = (excluded >> i & 1u) || !in_vocab ? -INFINITY : score[i];
   }
 }
 
-__global__ void __launch_bounds__(kFusionThreads) score_kernel(FusionParams p, FusionWorkspace ws) {
-  const int64_t chunk = blockIdx.x % ws.num_chunks, row = blockIdx.x / ws.num_chunks;
+// The launcher sizes score_kernel's grid to about one round of kScoreBlocksPerSm blocks per SM
+// (several chunks per block at large batches); ptxas keeps the registers within that.
+constexpr int kScoreBlocksPerSm = 5;
+
+// Writes the thread's columns of the fused score to `out` and returns their log-sum-exp state.
+template <bool kFull>
+__device__ __forceinline__ OnlineLse score_chunk(const FusionParams& p, const float* weight, const float* offset,
+                                                 float plausibility_cut, int64_t row, int64_t begin) {
+  float score[kColumnsPerThread];
+  bool saw_nan = false;
+  score_columns<kFull>(p, weight, offset, plausibility_cut, row, begin, score, saw_nan);
+  const int64_t first = thread_first_column(begin);
+  float* out = p.out + row * p.out_row_stride + first;
+  if (kFull && reinterpret_cast<uintptr_t>(p.out + row * p.out_row_stride) % 16 == 0) {
+    static_assert(kColumnsPerThread == 8, "two 16-byte stores");
+    float4* vectors = reinterpret_cast<float4*>(out);
+    vectors[0] = float4{score[0], score[1], score[2], score[3]};
+    vectors[1] = float4{score[4], score[5], score[6], score[7]};
+  } else {
+#pragma unroll
+    for (int i = 0; i < kColumnsPerThread; ++i) {
+      if (first + i < p.vocab) out[i] = score[i];
+    }
+  }
+  // A NaN in a participating model poisons the row: carried in the partial state's flag.
+  OnlineLse columns = values_lse(score);
+  columns.has_nan |= saw_nan;
+  return columns;
+}
+
+__global__ void __launch_bounds__(kFusionThreads, kScoreBlocksPerSm) score_kernel(FusionParams p, FusionWorkspace ws) {
+  const int64_t block = blockIdx.x % ws.score_blocks, row = blockIdx.x / ws.score_blocks;
   __shared__ float weight[kMaxFusedModels];
   __shared__ float offset[kMaxFusedModels];
   __shared__ float plausibility_cut;
@@ -190,24 +277,19 @@ __global__ void __launch_bounds__(kFusionThreads) score_kernel(FusionParams p, F
   if (threadIdx.x == 0 && !p.use_plausibility) plausibility_cut = -INFINITY;
   __syncthreads();
 
-  const int64_t begin = chunk * kFusionChunk;
-  float score[kColumnsPerThread];
-  bool saw_nan = false;
-  if (chunk_is_full(p, begin)) {
-    score_columns<true>(p, weight, offset, plausibility_cut, row, begin, score, saw_nan);
-  } else {
-    score_columns<false>(p, weight, offset, plausibility_cut, row, begin, score, saw_nan);
+  const int64_t first_chunk = block * ws.chunks_per_score_block;
+  const int64_t end_chunk =
+      first_chunk + ws.chunks_per_score_block < ws.num_chunks ? first_chunk + ws.chunks_per_score_block : ws.num_chunks;
+  OnlineLse local = online_lse_init();
+  for (int64_t chunk = first_chunk; chunk < end_chunk; ++chunk) {
+    const int64_t begin = chunk * kFusionChunk;
+    const OnlineLse columns = chunk_is_full(p, begin)
+                                  ? score_chunk<true>(p, weight, offset, plausibility_cut, row, begin)
+                                  : score_chunk<false>(p, weight, offset, plausibility_cut, row, begin);
+    local = online_lse_merge(local, columns);
   }
-  float* out = p.out + row * p.out_row_stride + begin + threadIdx.x;
-#pragma unroll
-  for (int i = 0; i < kColumnsPerThread; ++i) {
-    if (begin + i * kFusionThreads + threadIdx.x < p.vocab) out[i * kFusionThreads] = score[i];
-  }
-  // A NaN in a participating model poisons the row: carried in the partial state's flag.
-  OnlineLse local = values_lse(score);
-  local.has_nan |= saw_nan;
   const OnlineLse merged = block_merge_lse<kFusionThreads>(local);
-  if (threadIdx.x == 0) ws.score_stats[row * ws.num_chunks + chunk] = merged;
+  if (threadIdx.x == 0) ws.score_stats[row * ws.score_blocks + block] = merged;
 }
 
 __global__ void __launch_bounds__(kFusionThreads) finish_kernel(FusionParams p, FusionWorkspace ws) {
@@ -225,7 +307,7 @@ __global__ void __launch_bounds__(kFusionThreads) finish_kernel(FusionParams p, 
   }
   __shared__ OnlineLse row_stats;
   if (threadIdx.x < 32) {
-    const OnlineLse merged = warp_merge_partials(ws.score_stats + row * ws.num_chunks, ws.num_chunks, 1);
+    const OnlineLse merged = warp_merge_partials(ws.score_stats + row * ws.score_blocks, ws.score_blocks, 1);
     if (threadIdx.x == 0) row_stats = merged;
   }
   __syncthreads();

@@ -21,7 +21,9 @@ at::Tensor fuse_logits_cuda(const std::vector<at::Tensor>& logits, const at::Ten
   p.out = out.data_ptr<float>();
   p.out_row_stride = out.stride(0);
   at::Tensor workspace = at::empty({cuda::fuse_logits_workspace_bytes(p)}, out.options().dtype(at::kByte));
-  const cudaError_t status = cuda::launch_fuse_logits(p, workspace.data_ptr(), at::cuda::getCurrentCUDAStream());
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const cudaError_t status =
+      cuda::launch_fuse_logits(p, workspace.data_ptr(), sm_count, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(status == cudaSuccess, "fuse_logits CUDA launch failed: ", cudaGetErrorString(status));
   return out;
 }

@@ -14,7 +14,7 @@ namespace cuda {
 
 // Scratch bytes that launch_fuse_logits needs for its per-chunk partial states.
 int64_t fuse_logits_workspace_bytes(const FusionParams& params);
-cudaError_t launch_fuse_logits(const FusionParams& params, void* workspace, cudaStream_t stream);
+cudaError_t launch_fuse_logits(const FusionParams& params, void* workspace, int sm_count, cudaStream_t stream);
 
 int64_t dynamic_fusion_workspace_bytes(const DynamicFusionParams& params);
 cudaError_t launch_dynamic_fusion_weights(const DynamicFusionParams& params, void* workspace, cudaStream_t stream);

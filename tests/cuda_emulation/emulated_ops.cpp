@@ -25,7 +25,7 @@ at::Tensor fuse_logits(const std::vector<at::Tensor>& logits, const at::Tensor& 
   p.out = out.data_ptr<float>();
   p.out_row_stride = out.stride(0);
   at::Tensor workspace = at::empty({cuda::fuse_logits_workspace_bytes(p)}, out.options().dtype(at::kByte));
-  check_launch(cuda::launch_fuse_logits(p, workspace.data_ptr(), nullptr), "fuse_logits");
+  check_launch(cuda::launch_fuse_logits(p, workspace.data_ptr(), collab_emu::device.sm_count, nullptr), "fuse_logits");
   return out;
 }
 
