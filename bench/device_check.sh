@@ -12,7 +12,7 @@
 # arguments, default "tests/gpu"). DEVICE_CHECK_STEPS picks the steps after the
 # build (default "tests bench hf"; "hf" runs bench/hf_bench.py, the processors' per-step cost and the
 # DistillationTrainer step against a full-logits Trainer; "profile" runs bench/profile_gpu.py and, where Nsight Compute can
-# read the counters, ncu on the cases of bench/profile_gpu.py whose names contain NCU_CASES, default
+# read the counters, ncu on the cases of bench/profile_gpu.py whose names contain one of the '|'-separated NCU_CASES, default
 # "B=128"; "none" skips ncu).
 set -u -o pipefail
 
@@ -104,10 +104,16 @@ if wants profile; then
   if [[ ${NCU_CASES:-B=128} == none ]]; then
     :
   elif command -v ncu > /dev/null; then
-    # WarpStateStats names the dominant stall, ComputeWorkloadAnalysis the busiest pipe.
+    # WarpStateStats and the stall metrics name the dominant stall (cycles per issued instruction
+    # spent in each reason), ComputeWorkloadAnalysis the busiest pipe.
+    stalls=""
+    for reason in long_scoreboard short_scoreboard wait math_pipe_throttle lg_throttle mio_throttle barrier \
+        branch_resolving no_instruction not_selected; do
+      stalls+="${stalls:+,}smsp__average_warps_issue_stalled_${reason}_per_issue_active.ratio"
+    done
     run_step ncu 120 "$BENCH_RESERVE_S" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section ComputeWorkloadAnalysis python3 bench/profile_gpu.py --once "${NCU_CASES:-B=128}"
+      --section ComputeWorkloadAnalysis --metrics "$stalls" python3 bench/profile_gpu.py --once "${NCU_CASES:-B=128}"
   else
     echo "ncu: not on PATH" | tee -a "$OUT/summary.txt"
   fi

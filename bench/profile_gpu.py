@@ -1,7 +1,7 @@
 """Where the time of each compiled GPU op goes: Python call vs CUDA-graph replay vs its kernels.
 
     python3 bench/profile_gpu.py OUT.json
-    python3 bench/profile_gpu.py --once PATTERN   # each matching case called once (under ncu)
+    python3 bench/profile_gpu.py --once "B=128|B=64"   # each case matching a pattern called once (under ncu)
 
 For each case: the median of the public call (`do_bench`, host overhead included when the GPU
 waits for the host), the median replay of the same call captured in a CUDA graph (no host
@@ -111,9 +111,11 @@ def main(out_path: str) -> int:
     return 0
 
 
-def run_once(pattern: str) -> int:
-    """One call of each case whose name contains `pattern`, after a warm-up outside the profiled range."""
-    selected = [(name, fn) for name, fn in cases() if pattern in name]
+def run_once(patterns: str) -> int:
+    """One call of each case whose name contains one of the '|'-separated `patterns`, after a warm-up
+    outside the profiled range."""
+    wanted = patterns.split("|")
+    selected = [(name, fn) for name, fn in cases() if any(pattern in name for pattern in wanted)]
     for _, fn in selected:
         fn()
     torch.cuda.synchronize()
