@@ -17,9 +17,9 @@ cudaError_t launch_fuse_logits(const FusionParams& params, void* workspace, int 
   ws.num_chunks = (params.vocab + kFusionChunk - 1) / kFusionChunk;
   ws.model_stats = static_cast<OnlineLse*>(workspace);
   ws.score_stats = ws.model_stats + params.batch * ws.num_chunks * params.num_models;
-  // A chunk per block while that fills the GPU (as for one row).
+  // A chunk per block while that fills the GPU (as for one row), else about one wave of blocks.
   const int64_t resident_blocks = static_cast<int64_t>(kScoreBlocksPerSm) * std::max(1, sm_count);
-  ws.chunks_per_score_block = std::max<int64_t>(1, params.batch * ws.num_chunks / resident_blocks);
+  ws.chunks_per_score_block = (params.batch * ws.num_chunks + resident_blocks - 1) / resident_blocks;
   ws.score_blocks = (ws.num_chunks + ws.chunks_per_score_block - 1) / ws.chunks_per_score_block;
   const dim3 grid(static_cast<unsigned>(ws.num_chunks * params.batch));
   bool any_stats = false;

@@ -11,13 +11,12 @@ constexpr size_t kAlignment = 256;
 
 size_t aligned(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
-// About kSampleBlocksPerSm blocks per SM over the whole batch, so that a single row still spreads
-// over the GPU.
+// At most kSampleBlocksPerSm blocks per SM over the whole batch (one wave: a second, partial one
+// would idle most SMs at its end), so that a single row still spreads over the GPU.
 SampleLayout plan(const SamplingParams& params, int sm_count) {
   // (an empty batch plans as one row: the workspace size must not divide by zero; nothing launches)
   const int64_t batch = std::max<int64_t>(1, params.fusion.batch), vocab = params.fusion.vocab;
-  const int64_t wanted_chunks =
-      std::max<int64_t>(1, (kSampleBlocksPerSm * static_cast<int64_t>(sm_count) + batch - 1) / batch);
+  const int64_t wanted_chunks = std::max<int64_t>(1, kSampleBlocksPerSm * static_cast<int64_t>(sm_count) / batch);
   const int64_t columns = (vocab + wanted_chunks - 1) / wanted_chunks;
   SampleLayout layout{};
   layout.chunk_columns = (columns + kColumnsPerSweep - 1) / kColumnsPerSweep * kColumnsPerSweep;
