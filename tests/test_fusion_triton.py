@@ -1,7 +1,8 @@
 """The triton backend of fuse_logits and fused_sample against the reference: every fuse_logits
 case of the kernel suite, greedy tokens, seeds, rows without a token, the sampled distribution
-(chi-square), and the refusal of top_k/top_p. Without a GPU the kernels run in Triton's
-interpreter, one program per row, so the sampling tests use few rows and a small vocabulary."""
+(chi-square), rows split into many chunks, and the refusal of top_k/top_p. Without a GPU the
+kernels run in Triton's interpreter, a few programs per launch, so the sampling tests use few rows
+and a small vocabulary."""
 import numpy as np
 import pytest
 import torch
@@ -82,6 +83,83 @@ def test_sampled_tokens_follow_the_fused_distribution():
     from scipy.stats import chi2
 
     assert statistic < chi2.ppf(1 - 1e-4, support.sum() - 1), (counts, expected)
+
+
+def use_chunk_layout(monkeypatch, *, block, programs, merge_step):
+    """Make the triton fusion launches split rows into chunks of `block` columns until the batch has
+    `programs` programs (0: one chunk per row), on the GPU as in the interpreter, merging
+    `merge_step` chunk partials per step."""
+    from collab_ops.triton import fusion as triton_fusion
+
+    for name, value in (("GPU_MAX_BLOCK", block), ("INTERPRETER_MAX_BLOCK", block), ("PROGRAMS_PER_SM", programs),
+                        ("INTERPRETER_PROGRAMS", programs), ("MERGE_STEP", merge_step)):
+        monkeypatch.setattr(triton_fusion, name, value)
+    return triton_fusion
+
+
+def chunked_rows_inputs():
+    """5 rows of 203 columns from 3 models of mixed dtypes with excluded tokens; row 1 has a NaN,
+    row 2 excludes every token, row 3 holds +inf, row 4 has equal maxima in different chunks."""
+    g = torch.Generator().manual_seed(21)
+    logits = []
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(5, 203, generator=g) * 2
+        x[torch.rand(5, 203, generator=g) < 0.1] = -float("inf")
+        x[4] = 0.0
+        x[4, [40, 180]] = 5.0
+        logits.append(x.to(DEVICE, dtype))
+    logits[0][1, 5] = float("nan")
+    logits[1][2] = -float("inf")
+    logits[2][3, 7] = float("inf")
+    return logits, [1.0, -0.5, 0.25]
+
+
+SAMPLING_OPTIONS = [
+    dict(greedy=True),
+    dict(seed=11),
+    dict(seed="per row"),
+    dict(seed=5, temperature=0.6, min_p=0.05),
+    dict(seed=5, plausibility_alpha=0.2, plausibility_ref=1, min_p=0.1, normalize=False),
+]
+
+
+@pytest.mark.parametrize("index", range(len(SAMPLING_OPTIONS)))
+def test_splitting_rows_into_chunks_changes_no_token(monkeypatch, index):
+    """The same tokens with one chunk per row and with 13 chunks of 16 columns merged 4 a step: the
+    noise is keyed by column, maxima merge exactly and ties go to the lower column across chunks."""
+    logits, weights = chunked_rows_inputs()
+    options = dict(SAMPLING_OPTIONS[index])
+    if options.get("seed") == "per row":
+        options["seed"] = torch.arange(5, device=DEVICE) * 7 + 3
+
+    triton_fusion = use_chunk_layout(monkeypatch, block=16, programs=0, merge_step=128)
+    assert triton_fusion._chunk_layout(5, 203, 16, torch.device(DEVICE)) == (1, 208)
+    whole_rows = fused_sample(logits, weights, backend="triton", **options)
+    use_chunk_layout(monkeypatch, block=16, programs=10_000, merge_step=4)
+    assert triton_fusion._chunk_layout(5, 203, 16, torch.device(DEVICE)) == (13, 16)
+    chunked = fused_sample(logits, weights, backend="triton", **options)
+
+    assert torch.equal(chunked, whole_rows), (chunked.tolist(), whole_rows.tolist())
+    # (row 3's +inf is a token only where the plausibility cut keeps its column)
+    assert chunked[1:3].tolist() == [-1, -1] and chunked[0] >= 0 and chunked[4] >= 0
+    if options.get("greedy"):
+        assert chunked[4] == 40
+        assert torch.equal(chunked.cpu(), fused_sample(logits, weights, backend="reference", **options).cpu())
+
+
+@pytest.mark.parametrize("options", [dict(), dict(output="logits"), dict(plausibility_alpha=0.2, normalize=False),
+                                     dict(temperatures=[1.0, 1.3, 0.8], plausibility_alpha=0.1, plausibility_ref=2)])
+def test_fuse_logits_of_rows_split_into_chunks_matches_reference(monkeypatch, options):
+    """Log-sum-exps merged from 13 chunk states (4 a step), and poisoned rows found in any chunk."""
+    from collab_ops import fuse_logits
+    from tolerance import assert_close_to_reference
+
+    use_chunk_layout(monkeypatch, block=16, programs=10_000, merge_step=4)
+    logits, weights = chunked_rows_inputs()
+    result = fuse_logits(logits, weights, backend="triton", **options)
+    exact = fuse_logits([t.double() for t in logits], weights, backend="reference", **options)
+    working = fuse_logits(logits, weights, backend="reference", **options)
+    assert_close_to_reference(result, exact, working, what=f"chunked fuse_logits {options}")
 
 
 def test_top_k_and_top_p_are_refused_with_the_reason():

@@ -23,9 +23,11 @@ from collab_ops.triton.kd_kernels import DIVERGENCE_CODES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
-FUSION_SCALARS = dict(STRIDES="*i64", INV_T="*fp32", W="*fp32", w_row_stride="i64", STATS="*fp32", SEED="*i64",
-                      seed_row_stride="i64", seed_spread="i64", TOKENS="*i64", OUT="*fp32", V="i32",
-                      log_alpha="fp32", inv_temperature="fp32", log_min_p="fp32")
+FUSION_SCALARS = dict(STRIDES="*i64", INV_T="*fp32", W="*fp32", w_row_stride="i64", MODEL_PARTIALS="*fp32",
+                      MODEL_LSE="*fp32", SCORE_PARTIALS="*fp32", SCORE_MAX_PARTIALS="*fp32", CANDIDATE_KEYS="*fp32",
+                      CANDIDATE_COLUMNS="*i32", SEED="*i64", seed_row_stride="i64", seed_spread="i64", TOKENS="*i64",
+                      OUT="*fp32", V="i32", chunks="i32", chunk_columns="i32", log_alpha="fp32",
+                      inv_temperature="fp32", log_min_p="fp32")
 KD_SCALARS = dict(student_ptr="*bf16", student_row_stride="i64", teacher_ptr="*bf16", teacher_row_stride="i64",
                   labels_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", grad_ptr="*bf16", grad_row_stride="i64",
                   row_scale_ptr="*fp32", row_scale_stride="i64", vocab="i32", grad_width="i32",
@@ -74,18 +76,24 @@ def model_pointers(dtypes):
 FUSION_CASES = [
     ("model_stats_kernel", ["bf16"], dict(K=3, ONLY_REF=False, REF=0, BLOCK=2048), 8),
     ("model_stats_kernel", ["fp32", "fp16"], dict(K=2, ONLY_REF=True, REF=1, BLOCK=2048), 8),
+    ("model_lse_kernel", ["bf16"], dict(K=8, MERGE_STEP=128), 4),
     ("fuse_kernel", ["bf16"], dict(K=3, NORMALIZE=True, PLAUSIBILITY=False, REF=0, LOGPROBS=True, INF_UNDEFINED=False,
-                                   BLOCK=2048), 8),
+                                   BLOCK=2048, MERGE_STEP=128), 8),
     ("fuse_kernel", ["fp32", "bf16", "fp16"], dict(K=8, NORMALIZE=False, PLAUSIBILITY=True, REF=7, LOGPROBS=False,
-                                                   INF_UNDEFINED=False, BLOCK=2048), 8),
+                                                   INF_UNDEFINED=False, BLOCK=2048, MERGE_STEP=128), 8),
     ("fuse_kernel", ["bf16"], dict(K=1, NORMALIZE=True, PLAUSIBILITY=True, REF=0, LOGPROBS=False,
-                                   INF_UNDEFINED=False, BLOCK=256), 1),
+                                   INF_UNDEFINED=False, BLOCK=256, MERGE_STEP=128), 1),
+    ("fuse_finish_kernel", ["bf16"], dict(LOGPROBS=True, BLOCK=2048, MERGE_STEP=128), 8),
+    ("fuse_finish_kernel", ["bf16"], dict(LOGPROBS=False, BLOCK=256, MERGE_STEP=128), 1),
+    ("score_max_kernel", ["bf16", "fp32"], dict(K=2, NORMALIZE=False, PLAUSIBILITY=True, REF=0, INF_UNDEFINED=True,
+                                                BLOCK=2048, MERGE_STEP=128), 8),
     ("sample_kernel", ["bf16"], dict(K=3, NORMALIZE=False, PLAUSIBILITY=False, REF=0, GREEDY=False, MIN_P=False,
-                                     INF_UNDEFINED=True, BLOCK=2048), 8),
+                                     INF_UNDEFINED=True, BLOCK=2048, MERGE_STEP=128), 8),
     ("sample_kernel", ["bf16", "fp32"], dict(K=2, NORMALIZE=False, PLAUSIBILITY=True, REF=0, GREEDY=False, MIN_P=True,
-                                             INF_UNDEFINED=True, BLOCK=2048), 8),
+                                             INF_UNDEFINED=True, BLOCK=2048, MERGE_STEP=128), 8),
     ("sample_kernel", ["fp16"], dict(K=5, NORMALIZE=False, PLAUSIBILITY=False, REF=0, GREEDY=True, MIN_P=False,
-                                     INF_UNDEFINED=False, BLOCK=2048), 8),
+                                     INF_UNDEFINED=False, BLOCK=2048, MERGE_STEP=128), 8),
+    ("pick_token_kernel", ["bf16"], dict(MERGE_STEP=128), 4),
 ]
 
 
