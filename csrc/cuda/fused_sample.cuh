@@ -127,11 +127,12 @@ __device__ __forceinline__ void apply_plausibility(const FusionParams& p, const 
   }
 }
 
-// s(x) / temperature-ready scores of the thread's columns, as the reference builds them (see
-// common/sampling.h), -inf where implausible; `undefined` is set by a NaN, or a +inf that survives.
-__device__ __forceinline__ void sampling_scores(const FusionParams& p, const ModelRow* models, float plausibility_cut,
-                                                int64_t col, int count, float (&score)[kColumnsPerThread],
-                                                bool& undefined) {
+// Adds w_k z_k of every used model to the thread's columns, from 0. Exact: as the reference adds
+// them (add_weighted: a -inf excludes its column; a NaN, or +inf in a normalised model, sets
+// `undefined`). Not exact: the plain sums, for the common case in which every value is finite.
+template <bool kExact>
+__device__ __forceinline__ void add_models(const FusionParams& p, const ModelRow* models, int64_t col, int count,
+                                           float (&score)[kColumnsPerThread], bool& undefined) {
 #pragma unroll
   for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] = 0.f;
   for (int k = 0; k < p.num_models; ++k) {
@@ -140,12 +141,24 @@ __device__ __forceinline__ void sampling_scores(const FusionParams& p, const Mod
     float z[kColumnsPerThread];
     load_columns(models[k], col, count, z);
 #pragma unroll
-    for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) {
-      // log_softmax of a row holding +inf is NaN/-inf everywhere: no token.
-      undefined |= (z[lane] != z[lane]) || (p.normalize && z[lane] == INFINITY);
-      score[lane] = add_weighted(score[lane], w, z[lane]);
+    for (int lane = 0; lane < kColumnsPerThread; ++lane) {
+      if (!kExact) {
+        score[lane] = add_product(score[lane], w, z[lane]);
+      } else if (lane < count) {
+        // log_softmax of a row holding +inf is NaN/-inf everywhere: no token.
+        undefined |= (z[lane] != z[lane]) || (p.normalize && z[lane] == INFINITY);
+        score[lane] = add_weighted(score[lane], w, z[lane]);
+      }
     }
   }
+}
+
+// s(x) / temperature-ready scores of the thread's columns, as the reference builds them (see
+// common/sampling.h), -inf where implausible; `undefined` is set by a NaN, or a +inf that survives.
+__device__ __forceinline__ void sampling_scores(const FusionParams& p, const ModelRow* models, float plausibility_cut,
+                                                int64_t col, int count, float (&score)[kColumnsPerThread],
+                                                bool& undefined) {
+  add_models<true>(p, models, col, count, score, undefined);
   if (p.use_plausibility) apply_plausibility(p, models, plausibility_cut, col, count, score);
 #pragma unroll
   for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) undefined |= is_undefined_score(score[lane]);
@@ -158,16 +171,8 @@ __device__ __forceinline__ void sampling_scores(const FusionParams& p, const Mod
 __device__ __forceinline__ bool finite_sampling_scores(const FusionParams& p, const ModelRow* models,
                                                        float plausibility_cut, int64_t col, int count,
                                                        float (&score)[kColumnsPerThread]) {
-#pragma unroll
-  for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] = 0.f;
-  for (int k = 0; k < p.num_models; ++k) {
-    const float w = models[k].weight;
-    if (w == 0.f) continue;
-    float z[kColumnsPerThread];
-    load_columns(models[k], col, count, z);
-#pragma unroll
-    for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] = add_product(score[lane], w, z[lane]);
-  }
+  bool unused = false;
+  add_models<false>(p, models, col, count, score, unused);
   // A non-finite value of any model makes its column's sum non-finite (-inf, +inf or NaN, never
   // finite again), and the lanes past `count` hold 0: one test covers every rule.
   bool finite = true;
