@@ -7,13 +7,18 @@
 # wheels in .whl/ when present. Each step logs to OUTDIR/<step>.log and OUTDIR/summary.txt, under a
 # timeout drawn from one overall budget (DEVICE_CHECK_BUDGET_S, default 420 s) that holds back
 # BENCH_RESERVE_S (default 150 s) for the benchmarks. A failed step does not stop the later ones;
-# the script exits non-zero when any step failed. BENCH_ARGS adds options to the benchmark run
-# (e.g. BENCH_ARGS="--no-compile" or "--only fusion"); DEVICE_CHECK_TESTS narrows the GPU tests (pytest
-# arguments, default "tests/gpu"). DEVICE_CHECK_STEPS picks the steps after the
-# build (default "tests bench hf"; "hf" runs bench/hf_bench.py, the processors' per-step cost and the
-# DistillationTrainer step against a full-logits Trainer; "profile" runs bench/profile_gpu.py and, where Nsight Compute can
-# read the counters, ncu on the cases of bench/profile_gpu.py whose names contain one of the '|'-separated NCU_CASES, default
+# the script exits non-zero when any step failed.
+#
+# BENCH_ARGS adds options to the benchmark run (e.g. "--no-compile" or "--only fusion").
+# DEVICE_CHECK_TESTS narrows the GPU tests (pytest arguments, default "tests/gpu").
+# DEVICE_CHECK_STEPS picks the steps after the build (default "tests bench hf"): "hf" runs
+# bench/hf_bench.py (the processors' per-step cost, the DistillationTrainer step against a
+# full-logits Trainer); "profile" runs bench/profile_gpu.py and, where Nsight Compute can read the
+# counters, ncu on its cases whose names contain one of the '|'-separated NCU_CASES (default
 # "B=128"; "none" skips ncu).
+# DEVICE_CHECK_ARCHIVE=FILE.tgz (an absolute path outside OUTDIR) packs OUTDIR into FILE after every
+# step, so that a run cut short still hands everything back in one file (the device tool returns
+# only a few files).
 set -u -o pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -61,7 +66,14 @@ run_step() {
     FAILED+=("$name")
     tail -n 30 "$OUT/$name.log" | sed 's/^/    /'
   fi
+  archive
   return $rc
+}
+
+archive() {
+  if [[ -n ${DEVICE_CHECK_ARCHIVE:-} ]]; then
+    tar czf "$DEVICE_CHECK_ARCHIVE.partial" -C "$OUT" . && mv "$DEVICE_CHECK_ARCHIVE.partial" "$DEVICE_CHECK_ARCHIVE"
+  fi
 }
 
 run_step environment 60 "$BENCH_RESERVE_S" bash -c '
@@ -120,7 +132,7 @@ if wants profile; then
 fi
 
 # shellcheck disable=SC2086  # DEVICE_CHECK_TESTS is a list of pytest arguments
-wants tests && run_step tests_gpu 180 "$BENCH_RESERVE_S" python3 -m pytest -q -p no:cacheprovider --durations=10 \
+wants tests && run_step tests_gpu 240 "$BENCH_RESERVE_S" python3 -m pytest -q -p no:cacheprovider --durations=10 \
   ${DEVICE_CHECK_TESTS:-tests/gpu}
 wants tests && tail -n 1 "$OUT/tests_gpu.log"
 # The CPU suite runs in CI; here it is optional (DEVICE_CHECK_FULL_SUITE=1) to leave the time to the
@@ -169,6 +181,7 @@ done
 
 echo
 echo "total: $(( $(date +%s) - START ))s of a ${BUDGET_S}s budget" | tee -a "$OUT/summary.txt"
+archive
 cat "$OUT/summary.txt"
 if (( ${#FAILED[@]} )); then
   echo "failed steps: ${FAILED[*]}"
