@@ -115,18 +115,22 @@ def dynamic_fusion_gpu_cases():
 
 
 def plant_outliers(large, experts, base):
-    """Columns where max a and max d sit on different tokens, ~150 nats apart: a reference for
-    a + alpha * d built from max a + alpha * max d would flush every term of the row to zero."""
+    """Tokens where max a and max d sit ~150 nats apart, at the row's two ends: a reference for
+    a + alpha * d built from max a + alpha * max d would flush every term of the row to zero, and
+    a kernel that walks the row in order meets the candidates' maximum only in its last tile, so
+    every sum it has carried so far is rescaled by ~2^-200 (flushed to zero)."""
+    last = min(large.shape[1], base.shape[1], *(expert.shape[1] for expert in experts)) - 1
+
     def put(t, col, value):
         t[:, col] = torch.tensor(value, dtype=t.dtype)
 
     put(large, 0, 100.0)  # the top token of P ...
     put(base, 0, 75.0)
-    put(large, 1, -50.0)  # ... and a token far below it whose d is the row's largest
-    put(base, 1, -75.0)
+    put(large, last, -50.0)  # ... and a token far below it whose d is the row's largest
+    put(base, last, -75.0)
     for expert in experts:
         put(expert, 0, -75.0)  # d = -150 on the top token
-        put(expert, 1, 75.0)   # d = +150
+        put(expert, last, 75.0)   # d = +150
 
 
 def set_special_rows(large, experts, base):
