@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from collab_ops.ops.fusion import fused_sample
-from fusion_kernel_checks import DTYPES, random_logits
+from fusion_kernel_checks import (DTYPES, UNDEFINED_VALUE_OPTIONS, expected_poisoned_rows, random_logits,
+                                  undefined_value_inputs)
 
 INF = float("inf")
 
@@ -130,6 +131,20 @@ def check_rows_without_a_token(backend, device):
     tokens = fused_sample([torch.randn(2, 10, device=device), reference_with_inf], [1.0, 0.0], plausibility_alpha=0.5,
                           plausibility_ref=1, seed=0, backend=backend)
     assert tokens[0] == -1 and tokens[1] >= 0
+
+
+def check_undefined_values_give_no_token(backend, device):
+    """-1 exactly in the rows that fuse_logits poisons (fusion_kernel_checks.UNDEFINED_VALUE_ROWS),
+    greedy and sampled, and in the reference too."""
+    logits, weights = undefined_value_inputs(device)
+    for options in UNDEFINED_VALUE_OPTIONS:
+        options = {key: value for key, value in options.items() if key != "output"}
+        expected = expected_poisoned_rows("plausibility_alpha" in options)
+        for sampling in (dict(greedy=True), dict(seed=3), dict(seed=3, min_p=0.1)):
+            for impl in (backend, "reference"):
+                tokens = fused_sample(logits, weights, backend=impl, **sampling, **options).cpu()
+                assert [r for r in range(len(tokens)) if tokens[r] == -1] == expected, (impl, options, sampling)
+                assert (tokens[tokens >= 0] < logits[1].shape[1]).all()
 
 
 def check_an_empty_batch(backend, device):

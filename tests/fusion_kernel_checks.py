@@ -65,6 +65,72 @@ def check_fusion_case(backend, device, case, seed):
     assert_close_to_reference(result, exact, working, what=f"fuse_logits[{backend}] {widths} {dtypes} {layout} {options}")
 
 
+# Rows of undefined_value_inputs: which model holds the special value, and whether it poisons.
+UNDEFINED_VALUE_ROWS = (
+    ("clean", False),
+    ("+inf in a model of positive weight", True),
+    ("+inf in a model of negative weight", True),
+    ("+inf in a model of zero weight", False),
+    ("NaN in a model of positive weight", True),
+    ("+inf and -inf at one column", True),
+    ("+inf beyond vocab_size", False),
+    ("+inf in the plausibility reference, weight 0", "with plausibility"),
+)
+
+
+def undefined_value_inputs(device, vocab=2100):
+    """Three models (fp32, bf16, fp16) whose row r holds UNDEFINED_VALUE_ROWS[r]'s special value
+    near the row's end (past the first 2048-column chunk of the GPU kernels), per-row weights
+    [1, -0.5, 0.25] with the zero weight of rows 3 and 7, and model 0 three columns wider than
+    the shared vocabulary."""
+    g = torch.Generator().manual_seed(17)
+    rows, col = len(UNDEFINED_VALUE_ROWS), vocab - 5
+    values = [torch.randn(rows, vocab + (3 if k == 0 else 0), generator=g) * 3 for k in range(3)]
+    weights = torch.tensor([[1.0, -0.5, 0.25]]).repeat(rows, 1)
+    inf, nan = float("inf"), float("nan")
+    values[0][1, col] = inf
+    values[1][2, col] = inf
+    values[1][3, col] = inf
+    weights[3, 1] = 0.0
+    values[2][4, col] = nan
+    values[0][5, col], values[1][5, col] = inf, -inf
+    values[0][6, vocab + 1] = inf
+    values[2][7, col] = inf
+    weights[7, 2] = 0.0
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    return [v.to(device=device, dtype=d) for v, d in zip(values, dtypes)], weights.to(device)
+
+
+def expected_poisoned_rows(with_plausibility: bool) -> list[int]:
+    return [r for r, (_, poisons) in enumerate(UNDEFINED_VALUE_ROWS)
+            if poisons is True or (poisons == "with plausibility" and with_plausibility)]
+
+
+UNDEFINED_VALUE_OPTIONS = [
+    dict(),
+    dict(output="logits"),
+    dict(normalize=False),
+    dict(normalize=False, output="logits"),
+    dict(plausibility_alpha=0.05, plausibility_ref=2),
+    dict(plausibility_alpha=0.05, plausibility_ref=2, normalize=False, output="logits"),
+]
+
+
+def check_undefined_values_poison_rows(backend, device):
+    """A NaN or +inf in a model that takes part (or in the plausibility reference) makes its row
+    all NaN whatever the weight's sign and the options; zero weights and columns past vocab_size
+    ignore them; the other rows are unaffected (compared with the reference)."""
+    logits, weights = undefined_value_inputs(device)
+    for options in UNDEFINED_VALUE_OPTIONS:
+        result = fuse_logits(logits, weights, backend=backend, **options).cpu()
+        poisoned = [r for r in range(result.shape[0]) if torch.isnan(result[r]).all()]
+        assert poisoned == expected_poisoned_rows("plausibility_alpha" in options), (options, poisoned)
+        assert not torch.isnan(result[[r for r in range(result.shape[0]) if r not in poisoned]]).any(), options
+        exact = fuse_logits([t.double() for t in logits], weights.double(), backend="reference", **options)
+        working = fuse_logits(logits, weights, backend="reference", **options)
+        assert_close_to_reference(result, exact.cpu(), working.cpu(), what=f"fuse_logits[{backend}] undefined values {options}")
+
+
 def dynamic_fusion_objectives(large, expert, base, grid):
     """Float64 objective of every grid candidate per row, [B, G], written out from the definition."""
     large, expert, base = (t.double() for t in (large, expert, base))

@@ -23,7 +23,8 @@ from collab_ops.ops.speculative import speculative_verify
 
 import fused_sample_checks as sample_checks
 import speculative_kernel_checks as speculative_checks
-from fusion_kernel_checks import check_dynamic_fusion_case, check_fusion_case, dynamic_fusion_cases, fusion_cases
+from fusion_kernel_checks import (check_dynamic_fusion_case, check_fusion_case, check_undefined_values_poison_rows,
+                                  dynamic_fusion_cases, fusion_cases)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emulation"))
 import emulator_build  # noqa: E402
@@ -71,6 +72,10 @@ def test_fuse_logits_matches_the_reference(emulated, index):
     check_fusion_case("cpu", "cpu", FUSION_CASES[index], seed=2000 + index)
 
 
+def test_fuse_logits_undefined_values_poison_rows(emulated):
+    check_undefined_values_poison_rows("cpu", "cpu")
+
+
 DYNAMIC_CASES = list(dynamic_fusion_cases())
 
 
@@ -95,6 +100,10 @@ def test_greedy_takes_the_first_of_tied_maxima(emulated):
 
 def test_rows_without_a_token(emulated):
     sample_checks.check_rows_without_a_token("cpu", "cpu")
+
+
+def test_undefined_values_give_no_token(emulated):
+    sample_checks.check_undefined_values_give_no_token("cpu", "cpu")
 
 
 def test_an_empty_batch(emulated):

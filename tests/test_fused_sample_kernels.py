@@ -53,6 +53,11 @@ def test_rows_without_a_token(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_undefined_values_give_no_token(backend):
+    checks.check_undefined_values_give_no_token(backend, "cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_an_empty_batch(backend):
     checks.check_an_empty_batch(backend, "cpu")
 

@@ -11,7 +11,7 @@ import collab_ops
 import fused_sample_checks as checks
 from collab_ops import BackendUnavailableError
 from collab_ops.ops.fusion import fused_sample
-from fusion_kernel_checks import check_fusion_case, fusion_cases
+from fusion_kernel_checks import check_fusion_case, check_undefined_values_poison_rows, fusion_cases
 
 if "triton" not in collab_ops.available_backends():
     pytest.skip("triton is not available here (needs CUDA, or TRITON_INTERPRET=1 for CPU tensors)",
@@ -38,6 +38,11 @@ def test_greedy_takes_the_first_of_tied_maxima():
 
 def test_rows_without_a_token():
     checks.check_rows_without_a_token("triton", DEVICE)
+
+
+def test_undefined_values_poison_rows():
+    check_undefined_values_poison_rows("triton", DEVICE)
+    checks.check_undefined_values_give_no_token("triton", DEVICE)
 
 
 def test_seeds_repeat_and_key_each_row():

@@ -181,7 +181,7 @@ def fuse_logits(
 
     A −inf in a model with non-zero weight excludes that token (for either sign of the weight);
     a model with weight 0 is ignored entirely in that row. Rows with every token excluded come back
-    all −inf; rows where a participating model has a NaN come back all NaN
+    all −inf; rows where a participating model has a NaN or +inf come back all NaN
     (see `collab_ops.reference.fusion`). The reference accepts any K; compiled kernels may refuse
     large K, in which case dispatch falls back or names the reason.
     """
@@ -266,8 +266,8 @@ def fused_sample(
     `torch.manual_seed` makes unseeded calls reproducible. The same seed gives the same tokens on
     the same backend; different backends use different random streams.
 
-    Rows where every token is excluded, or where a participating model has a NaN, get −1; the
-    check happens inside the kernel without host synchronisation. `strict=True` instead raises
+    Rows where every token is excluded, or where a participating model has a NaN or +inf, get −1;
+    the check happens inside the kernel without host synchronisation. `strict=True` instead raises
     ValueError naming those rows, at the cost of one synchronisation.
     """
     case, device, batch = _fusion_case(
@@ -288,7 +288,7 @@ def fused_sample(
             rows = no_token.nonzero().flatten().tolist()
             raise ValueError(
                 f"fused_sample(strict=True): no token can be sampled in row(s) {rows}: every token "
-                "is excluded, or a model with non-zero weight (or the plausibility reference) has NaN"
+                "is excluded, or a model with non-zero weight (or the plausibility reference) has NaN or +inf"
             )
     return tokens
 

@@ -15,11 +15,16 @@ Fusion rules shared by `fuse_logits` and `fused_sample` (DESIGN.md, "Logit arith
   model `plausibility_ref` at its temperature (regardless of `normalize` and of its weight). A
   reference row that is entirely −inf has no plausible token.
 * A row is *poisoned* when a model that takes part in it (non-zero weight, or the plausibility
-  reference when α is set) has a NaN among its first `vocab_size` columns. `fuse_logits` returns
-  poisoned rows as all NaN; `fused_sample` returns −1 for them.
+  reference when α is set) has a NaN or a +inf among its first `vocab_size` columns (of l_k / T_k:
+  a finite logit that overflows by its temperature counts as +inf). Either leaves the model's
+  distribution undefined, whatever the sign of its weight. `fuse_logits` returns poisoned rows as
+  all NaN; `fused_sample` returns −1 for them.
 * A row whose tokens are all excluded is all −inf in `fuse_logits` (both outputs) and gives −1 in
-  `fused_sample`. A fused score of +inf (only possible from +inf inputs) leaves the distribution
-  undefined: `fuse_logits` gives NaN log-probs and `fused_sample` gives −1.
+  `fused_sample`.
+* Finite inputs whose weighted sum overflows float32 (|s(x)| near 3.4e38) are outside the domain:
+  a +inf score leaves the distribution undefined (NaN log-probs, −1 in `fused_sample`). The kernels
+  add raw logits and normalise afterwards (one read of each input), so with `normalize=True` they
+  overflow where this reference, which normalises each model first, may not.
 """
 from __future__ import annotations
 
@@ -50,6 +55,11 @@ def _log_softmax_keeping_exclusions(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x == float("-inf"), x, x - normaliser)
 
 
+def _undefined_values(scaled: torch.Tensor) -> torch.Tensor:
+    """Per row: whether a model's scaled logits hold a NaN or a +inf (the row is poisoned)."""
+    return (torch.isnan(scaled) | (scaled == float("inf"))).any(dim=-1)
+
+
 def fused_scores(
     logits: Sequence[torch.Tensor],
     weights: torch.Tensor,
@@ -68,16 +78,14 @@ def fused_scores(
     poisoned = torch.zeros(batch, dtype=torch.bool, device=device)
 
     for k, (model_logits, temperature) in enumerate(zip(logits, temperatures)):
-        aligned = model_logits[:, :vocab_size].to(dtype)
-        z = aligned / temperature
-        if normalize:
-            z = _log_softmax_keeping_exclusions(z)
+        scaled = model_logits[:, :vocab_size].to(dtype) / temperature
+        z = _log_softmax_keeping_exclusions(scaled) if normalize else scaled
         w = row_weights[:, k : k + 1]
         takes_part = w != 0
         # −inf excludes the token for either sign of w; w·(−inf) would be +inf for w < 0.
         term = torch.where(z == float("-inf"), z, w * z)
         scores = scores + torch.where(takes_part, term, torch.zeros_like(term))
-        poisoned |= takes_part[:, 0] & torch.isnan(aligned).any(dim=-1)
+        poisoned |= takes_part[:, 0] & _undefined_values(scaled)
 
     if plausibility_alpha is not None:
         reference = logits[plausibility_ref][:, :vocab_size].to(dtype) / temperatures[plausibility_ref]
@@ -87,7 +95,7 @@ def fused_scores(
         log_ratio = reference - reference.max(dim=-1, keepdim=True).values
         implausible = ~(log_ratio >= math.log(plausibility_alpha))
         scores = scores.masked_fill(implausible, float("-inf"))
-        poisoned |= torch.isnan(reference).any(dim=-1)
+        poisoned |= _undefined_values(reference)
 
     return scores.masked_fill(poisoned[:, None], float("nan"))
 

@@ -155,7 +155,7 @@ def fuse_logits(logits, weights, temperatures, normalize, plausibility_alpha, pl
     kernels.fuse_kernel[launch.chunk_grid](
         *launch.fusion_arguments(), score_partials, out, launch.vocab, launch.chunks, launch.chunk_columns,
         launch.log_alpha, K=launch.num_models, NORMALIZE=launch.normalize, PLAUSIBILITY=launch.plausibility,
-        REF=launch.plausibility_ref, LOGPROBS=bool(output_logprobs), INF_UNDEFINED=False, BLOCK=launch.block,
+        REF=launch.plausibility_ref, LOGPROBS=bool(output_logprobs), BLOCK=launch.block,
         MERGE_STEP=MERGE_STEP, num_warps=launch.num_warps,
     )
     # Always launched: whether a row is poisoned is known on the device only.
@@ -184,10 +184,9 @@ def fused_sample(logits, weights, temperatures, normalize, plausibility_alpha, p
     log_min_p = math.log(min_p) if min_p > 0 else float("-inf")
     inv_temperature = 1.0 / float(temperature)
     kernels = _kernels()
-    # The per-model log-sum-exps are per-row constants, which sampling does not see: NORMALIZE off,
-    # with a normalised model's +inf (which would make its log-softmax NaN) marking the row undefined.
+    # The per-model log-sum-exps are per-row constants, which sampling does not see: NORMALIZE off.
     flags = dict(K=launch.num_models, NORMALIZE=False, PLAUSIBILITY=launch.plausibility, REF=launch.plausibility_ref,
-                 INF_UNDEFINED=launch.normalize, BLOCK=launch.block, MERGE_STEP=MERGE_STEP, num_warps=launch.num_warps)
+                 BLOCK=launch.block, MERGE_STEP=MERGE_STEP, num_warps=launch.num_warps)
     score_max_partials = launch.inv_temperatures  # read only with min_p
     if use_min_p:
         score_max_partials = launch.workspace(launch.chunks)

@@ -155,18 +155,20 @@ def model_lse_kernel(MODEL_PARTIALS, MODEL_LSE, chunks, K: tl.constexpr, MERGE_S
 
 
 @triton.jit
+def _poisons(z):
+    """Scaled logits that poison the row of a model taking part in it: NaN and +inf."""
+    return (z != z) | (z == float("inf"))
+
+
+@triton.jit
 def _add_model(score, nans, P, k: tl.constexpr, row, cols, mask, STRIDES, INV_T, W, w_row_stride, MODEL_LSE,
-               K: tl.constexpr, NORMALIZE: tl.constexpr, INF_UNDEFINED: tl.constexpr):
+               K: tl.constexpr, NORMALIZE: tl.constexpr):
     """score + w_k · z_k where model k takes part in the row (w_k ≠ 0): −inf in z_k excludes the
-    token for either sign of w_k. NaNs are counted, and +inf too with INF_UNDEFINED (sampling
-    without the normalisation it would make NaN)."""
+    token for either sign of w_k. NaNs and +infs are counted (they poison the row)."""
     w = tl.load(W + row * w_row_stride + k)
     z = _load_scaled(P, k, row, cols, mask, STRIDES, INV_T)
-    bad = z != z
-    if INF_UNDEFINED:
-        bad = bad | (z == float("inf"))
     # (a scalar condition goes through tl.where: the interpreter cannot AND a scalar with a block)
-    nans += tl.where(w != 0, (bad & mask).to(tl.int32), 0)
+    nans += tl.where(w != 0, (_poisons(z) & mask).to(tl.int32), 0)
     if NORMALIZE:
         lse = tl.load(MODEL_LSE + row * K + k)
         z = tl.where(z == float("-inf"), z, z - lse)
@@ -177,15 +179,16 @@ def _add_model(score, nans, P, k: tl.constexpr, row, cols, mask, STRIDES, INV_T,
 @triton.jit
 def _fused_block(P0, P1, P2, P3, P4, P5, P6, P7, row, cols, mask, nans, STRIDES, INV_T, W, w_row_stride, MODEL_LSE,
                  plausibility_cut, K: tl.constexpr, NORMALIZE: tl.constexpr, PLAUSIBILITY: tl.constexpr,
-                 REF: tl.constexpr, INF_UNDEFINED: tl.constexpr):
-    """The fused scores s of one block of columns (−inf outside the mask), and the running NaN count."""
+                 REF: tl.constexpr):
+    """The fused scores s of one block of columns (−inf outside the mask), and the running count of
+    poisoning values (NaN or +inf in a model that takes part, or in the plausibility reference)."""
     score = tl.zeros(cols.shape, tl.float32)
     for k in tl.static_range(K):
         score, nans = _add_model(score, nans, _model_pointer(P0, P1, P2, P3, P4, P5, P6, P7, k), k, row, cols, mask,
-                                 STRIDES, INV_T, W, w_row_stride, MODEL_LSE, K, NORMALIZE, INF_UNDEFINED)
+                                 STRIDES, INV_T, W, w_row_stride, MODEL_LSE, K, NORMALIZE)
     if PLAUSIBILITY:
         ref = _load_scaled(_model_pointer(P0, P1, P2, P3, P4, P5, P6, P7, REF), REF, row, cols, mask, STRIDES, INV_T)
-        nans += ((ref != ref) & mask).to(tl.int32)
+        nans += (_poisons(ref) & mask).to(tl.int32)
         # p_ref(x) >= alpha · max p_ref, i.e. ref(x) >= max ref + log alpha (NaN compares false).
         score = tl.where(ref >= plausibility_cut, score, float("-inf"))
     return tl.where(mask, score, float("-inf")), nans
@@ -196,17 +199,15 @@ def _plausibility_cut(MODEL_PARTIALS, row, chunks, log_alpha, K: tl.constexpr, R
                       MERGE_STEP: tl.constexpr):
     """The smallest scaled reference logit that passes the cut, from the reference's chunk maxima."""
     ref_max = _merged_max(MODEL_PARTIALS + REF * 2, row, chunks, K * 2, MERGE_STEP)
-    # An all −inf reference row has no plausible token, nor has one holding +inf (every ratio
-    # p_ref / max p_ref is NaN or 0): a NaN cut keeps nothing.
-    cut = tl.where(ref_max == float("-inf"), float("inf"), ref_max + log_alpha)
-    return tl.where(ref_max == float("inf"), float("nan"), cut)
+    # An all −inf reference row has no plausible token (one holding +inf is poisoned anyway).
+    return tl.where(ref_max == float("-inf"), float("inf"), ref_max + log_alpha)
 
 
 @triton.jit
 def fuse_kernel(P0, P1, P2, P3, P4, P5, P6, P7, STRIDES, INV_T, W, w_row_stride, MODEL_PARTIALS, MODEL_LSE,
                 SCORE_PARTIALS, OUT, V, chunks, chunk_columns, log_alpha,
                 K: tl.constexpr, NORMALIZE: tl.constexpr, PLAUSIBILITY: tl.constexpr, REF: tl.constexpr,
-                LOGPROBS: tl.constexpr, INF_UNDEFINED: tl.constexpr, BLOCK: tl.constexpr, MERGE_STEP: tl.constexpr):
+                LOGPROBS: tl.constexpr, BLOCK: tl.constexpr, MERGE_STEP: tl.constexpr):
     """The chunk's scores into OUT, and SCORE_PARTIALS[row, chunk] = (max, Σ exp(s − max) of its
     non-NaN scores (LOGPROBS only), has a NaN score, is poisoned) for fuse_finish_kernel."""
     row, chunk, begin, end = _chunk_of_program(V, chunks, chunk_columns)
@@ -215,15 +216,14 @@ def fuse_kernel(P0, P1, P2, P3, P4, P5, P6, P7, STRIDES, INV_T, W, w_row_stride,
     if PLAUSIBILITY:
         plausibility_cut = _plausibility_cut(MODEL_PARTIALS, row, chunks, log_alpha, K, REF, MERGE_STEP)
     nans = tl.zeros((BLOCK,), tl.int32)
-    nan_scores = tl.zeros((BLOCK,), tl.int32)  # +inf − inf from a normalised +inf input
+    nan_scores = tl.zeros((BLOCK,), tl.int32)  # +inf − inf from sums that overflow
     lane_max = tl.full((BLOCK,), float("-inf"), tl.float32)
     lane_total = tl.zeros((BLOCK,), tl.float32)
     for step in range(0, tl.cdiv(end - begin, BLOCK)):
         cols = begin + step * BLOCK + tl.arange(0, BLOCK)
         mask = cols < end
         score, nans = _fused_block(P0, P1, P2, P3, P4, P5, P6, P7, row, cols, mask, nans, STRIDES, INV_T, W,
-                                   w_row_stride, MODEL_LSE, plausibility_cut, K, NORMALIZE, PLAUSIBILITY, REF,
-                                   INF_UNDEFINED)
+                                   w_row_stride, MODEL_LSE, plausibility_cut, K, NORMALIZE, PLAUSIBILITY, REF)
         tl.store(out_row + cols, score, mask=mask)
         if LOGPROBS:
             nan_scores += (score != score).to(tl.int32)
@@ -280,7 +280,7 @@ def fuse_finish_kernel(SCORE_PARTIALS, OUT, V, chunks, chunk_columns, LOGPROBS: 
 def score_max_kernel(P0, P1, P2, P3, P4, P5, P6, P7, STRIDES, INV_T, W, w_row_stride, MODEL_PARTIALS, MODEL_LSE,
                      SCORE_MAX_PARTIALS, V, chunks, chunk_columns, log_alpha, inv_temperature,
                      K: tl.constexpr, NORMALIZE: tl.constexpr, PLAUSIBILITY: tl.constexpr, REF: tl.constexpr,
-                     INF_UNDEFINED: tl.constexpr, BLOCK: tl.constexpr, MERGE_STEP: tl.constexpr):
+                     BLOCK: tl.constexpr, MERGE_STEP: tl.constexpr):
     """SCORE_MAX_PARTIALS[row, chunk]: the chunk's max of s / temperature over non-NaN scores,
     from which sample_kernel takes min_p's cut."""
     row, chunk, begin, end = _chunk_of_program(V, chunks, chunk_columns)
@@ -292,8 +292,7 @@ def score_max_kernel(P0, P1, P2, P3, P4, P5, P6, P7, STRIDES, INV_T, W, w_row_st
     for step in range(0, tl.cdiv(end - begin, BLOCK)):
         cols = begin + step * BLOCK + tl.arange(0, BLOCK)
         score, nans = _fused_block(P0, P1, P2, P3, P4, P5, P6, P7, row, cols, cols < end, nans, STRIDES, INV_T, W,
-                                   w_row_stride, MODEL_LSE, plausibility_cut, K, NORMALIZE, PLAUSIBILITY, REF,
-                                   INF_UNDEFINED)
+                                   w_row_stride, MODEL_LSE, plausibility_cut, K, NORMALIZE, PLAUSIBILITY, REF)
         lane_max = tl.maximum(lane_max, tl.where(score != score, float("-inf"), score * inv_temperature))
     tl.store(SCORE_MAX_PARTIALS + row * chunks + chunk, tl.max(lane_max, axis=0))
 
@@ -303,8 +302,7 @@ def sample_kernel(P0, P1, P2, P3, P4, P5, P6, P7, STRIDES, INV_T, W, w_row_strid
                   SCORE_MAX_PARTIALS, SEED, seed_row_stride, seed_spread, CANDIDATE_KEYS, CANDIDATE_COLUMNS, V, chunks,
                   chunk_columns, log_alpha, inv_temperature, log_min_p,
                   K: tl.constexpr, NORMALIZE: tl.constexpr, PLAUSIBILITY: tl.constexpr, REF: tl.constexpr,
-                  GREEDY: tl.constexpr, MIN_P: tl.constexpr, INF_UNDEFINED: tl.constexpr, BLOCK: tl.constexpr,
-                  MERGE_STEP: tl.constexpr):
+                  GREEDY: tl.constexpr, MIN_P: tl.constexpr, BLOCK: tl.constexpr, MERGE_STEP: tl.constexpr):
     """The chunk's candidate: the first column of its largest key x + Gumbel noise (x when GREEDY),
     x = s / temperature, tokens with x < max x + log min_p dropped. CANDIDATE_KEYS[row, chunk] = that
     key (−inf: none), CANDIDATE_COLUMNS[row, chunk] = (column or −1, whether the chunk makes the row
@@ -326,15 +324,16 @@ def sample_kernel(P0, P1, P2, P3, P4, P5, P6, P7, STRIDES, INV_T, W, w_row_strid
         cols = begin + step * BLOCK + tl.arange(0, BLOCK)
         mask = cols < end
         score, nans = _fused_block(P0, P1, P2, P3, P4, P5, P6, P7, row, cols, mask, nans, STRIDES, INV_T, W,
-                                   w_row_stride, MODEL_LSE, plausibility_cut, K, NORMALIZE, PLAUSIBILITY, REF,
-                                   INF_UNDEFINED)
+                                   w_row_stride, MODEL_LSE, plausibility_cut, K, NORMALIZE, PLAUSIBILITY, REF)
         infinite += ((score == float("inf")) | (score != score)).to(tl.int32)
         if GREEDY:
             key = score
         else:
             x = score * inv_temperature
             # Keyed by the column, not by its place in the chunk: any split draws the same noise.
-            u = tl.rand(seed, cols.to(tl.int32))
+            # tl.rand can return 0 (p = 2^-31), whose noise -log(-log 0) = -inf would drop the
+            # token even when it is the only one kept: the smallest normal float stands in for it.
+            u = tl.maximum(tl.rand(seed, cols.to(tl.int32)), 1.1754944e-38)
             key = tl.where(x >= keep_from, x - tl.log(-tl.log(u)), float("-inf"))
         # NaN keys never win; ties keep the first column (lanes see increasing columns).
         better = (key > best_key) & (key == key)

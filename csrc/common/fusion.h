@@ -36,6 +36,11 @@ struct FusionParams {
   int64_t out_row_stride;
 };
 
+// A scaled logit l_k / T_k that poisons its row when model k takes part (non-zero weight, or the
+// plausibility reference): NaN, or +inf, for which the model's distribution is undefined
+// whatever the sign of its weight. Branch-free, so that the CPU loops stay vectorised.
+COLLAB_HD bool is_undefined_value(float z) { return (z != z) | (z == INFINITY); }
+
 COLLAB_HD float fusion_weight(const FusionParams& p, int64_t row, int k) {
   return p.weights ? p.weights[row * p.weight_row_stride + k * p.weight_col_stride] : p.weight_values[k];
 }

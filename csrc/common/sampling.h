@@ -45,12 +45,13 @@ COLLAB_HD float add_product(float acc, float w, float z) {
 }
 
 // Model k's contribution to s(x) as the reference adds it: -inf excludes the token whatever the
-// sign of w, +inf stays signed (and makes the row undefined when it survives).
+// sign of w. (A +inf poisons the row, is_undefined_value, before its sum matters.)
 COLLAB_HD float add_weighted(float score, float w, float z) {
   return z == -INFINITY ? score + (-INFINITY) : add_product(score, w, z);
 }
 
-// A score that makes the row undefined (-1): NaN or +inf at a plausible column.
+// A score that makes the row undefined (-1): NaN or +inf at a plausible column (from finite
+// inputs, only by overflow; common/fusion.h, is_undefined_value, covers +inf inputs).
 COLLAB_HD bool is_undefined_score(float score) { return !(score < INFINITY); }
 
 // Gumbel(0, 1) noise from 32 random bits: -log(E) with E = -log(1 - u) exponential. log1p keeps E

@@ -61,7 +61,8 @@ struct FusionRowConstants {
 };
 
 // Writes the fused scores of columns [begin, end) of a row and returns their log-sum-exp state,
-// with has_nan set when a participating model has a NaN there (the row then becomes all NaN).
+// with has_nan set when a participating model has a NaN or +inf there (the row then becomes all
+// NaN: common/fusion.h, is_undefined_value).
 inline OnlineLse score_chunk(const FusionParams& p, int64_t row, int64_t begin, int64_t end,
                              const FusionRowConstants& c) {
   float model_tile[kFusionTile];
@@ -79,7 +80,7 @@ inline OnlineLse score_chunk(const FusionParams& p, int64_t row, int64_t begin, 
       const float offset = c.offset[k];
       for (int64_t i = 0; i < count; ++i) {
         const float z = model_tile[i];
-        nans += z != z;
+        nans += is_undefined_value(z);
         // -inf excludes the token whatever the sign of w.
         const float term = score[i] + w * (z - offset);
         score[i] = ((z == -INFINITY) | (score[i] == -INFINITY)) ? -INFINITY : term;
@@ -88,7 +89,7 @@ inline OnlineLse score_chunk(const FusionParams& p, int64_t row, int64_t begin, 
     if (p.use_plausibility) {
       load_model_tile(p, p.plausibility_ref, row, col, count, model_tile);
       for (int64_t i = 0; i < count; ++i) {
-        nans += model_tile[i] != model_tile[i];
+        nans += is_undefined_value(model_tile[i]);
         score[i] = model_tile[i] < c.plausibility_cut ? -INFINITY : score[i];
       }
     }

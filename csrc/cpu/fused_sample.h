@@ -26,7 +26,7 @@ constexpr int64_t kMinChunkColumns = 8192;
 struct ChunkResult {
   Candidate best;
   float max;      // of x, or of the plausibility reference's z in that pass
-  bool no_token;  // NaN, an undefined score, or +inf in a normalised model
+  bool no_token;  // a poisoned model (NaN or +inf) or an undefined score
 };
 
 inline ChunkResult empty_chunk_result() { return ChunkResult{no_candidate(), -INFINITY, false}; }
@@ -46,13 +46,13 @@ inline ChunkResult reference_max_chunk(const FusionParams& p, int64_t row, int64
     const int64_t count = std::min(kSampleTile, end - col);
     load_model_tile(p, p.plausibility_ref, row, col, count, tile);
     float tile_max = -INFINITY;
-    bool tile_nan = false;
+    bool tile_poisoned = false;
     for (int64_t i = 0; i < count; ++i) {
       tile_max = std::max(tile_max, tile[i]);
-      tile_nan |= std::isnan(tile[i]);
+      tile_poisoned |= is_undefined_value(tile[i]);
     }
     result.max = std::max(result.max, tile_max);
-    result.no_token |= tile_nan;
+    result.no_token |= tile_poisoned;
   }
   return result;
 }
@@ -67,14 +67,13 @@ inline bool score_tile(const FusionParams& p, const RowSetup& setup, int64_t row
     const float w = setup.weight[k];
     if (w == 0.f) continue;
     load_model_tile(p, k, row, col, count, scratch);
-    int nan_or_normalised_inf = 0;
+    int poisoned = 0;
     for (int64_t i = 0; i < count; ++i) {
       const float z = scratch[i];
-      // log_softmax of a row holding +inf is NaN/-inf everywhere: no token.
-      nan_or_normalised_inf |= (z != z) | (p.normalize & (z == INFINITY));
+      poisoned |= is_undefined_value(z);
       score[i] = add_weighted(score[i], w, z);
     }
-    undefined |= nan_or_normalised_inf;
+    undefined |= poisoned;
   }
   if (p.use_plausibility) {
     load_model_tile(p, p.plausibility_ref, row, col, count, scratch);
@@ -263,8 +262,7 @@ void fused_sample(const SamplingParams& s, int num_threads, float* workspace, Pa
   if (p.use_plausibility) {
     over_chunks([&](int64_t row, int64_t begin, int64_t end) { return reference_max_chunk(p, row, begin, end); },
                 [&](int64_t row, const ChunkResult& merged) {
-                  // A +inf in the reference makes every ratio p_ref / max p_ref NaN or 0.
-                  setup[row].no_token |= merged.no_token || merged.max == INFINITY;
+                  setup[row].no_token |= merged.no_token;  // a NaN or +inf in the reference
                   setup[row].plausibility_cut = plausibility_cut_from_max(p, merged.max);
                 });
   }

@@ -157,12 +157,13 @@ __global__ void __launch_bounds__(kFusionThreads) model_stats_kernel(FusionParam
 }
 
 // Adds w_k (z_k - c_k) of every used model to the thread's columns. Exact: the rules of
-// common/fusion.h, a -inf excluding its column (bit i of `excluded`) and a NaN setting `saw_nan`.
+// common/fusion.h, a -inf excluding its column (bit i of `excluded`) and a NaN or +inf setting
+// `poisoned` (is_undefined_value).
 // Not exact: the sums alone, for the common case in which every value is finite.
 template <bool kFull, bool kExact>
 __device__ __forceinline__ void add_models(const FusionParams& p, const float* weight, const float* offset,
                                            int64_t row, int64_t begin, float (&score)[kColumnsPerThread],
-                                           uint32_t& excluded, bool& saw_nan) {
+                                           uint32_t& excluded, bool& poisoned) {
   for (int k = 0; k < p.num_models; ++k) {
     const float w = weight[k];
     if (w == 0.f) continue;  // uniform across the block
@@ -172,7 +173,7 @@ __device__ __forceinline__ void add_models(const FusionParams& p, const float* w
 #pragma unroll
     for (int i = 0; i < kColumnsPerThread; ++i) {
       if (kExact) {
-        saw_nan |= z[i] != z[i];
+        poisoned |= is_undefined_value(z[i]);
         excluded |= static_cast<uint32_t>(z[i] == -INFINITY) << i;
       }
       score[i] += w * (z[i] - c);
@@ -181,11 +182,11 @@ __device__ __forceinline__ void add_models(const FusionParams& p, const float* w
 }
 
 // The thread's columns of the fused score: s, or -inf where a model excludes the token or the
-// plausibility cut does; `saw_nan` is set by a NaN in a participating model.
+// plausibility cut does; `poisoned` is set by a NaN or +inf in a participating model.
 template <bool kFull>
 __device__ __forceinline__ void score_columns(const FusionParams& p, const float* weight, const float* offset,
                                               float plausibility_cut, int64_t row, int64_t begin,
-                                              float (&score)[kColumnsPerThread], bool& saw_nan) {
+                                              float (&score)[kColumnsPerThread], bool& poisoned) {
   // Model by model, every column of the thread is loaded before any arithmetic and nothing is
   // stored here: a store to `out` between loads would serialise them (the compiler cannot rule
   // out aliasing), leaving each thread one load in flight.
@@ -196,13 +197,13 @@ __device__ __forceinline__ void score_columns(const FusionParams& p, const float
     load_model_columns<kFull>(p, p.plausibility_ref, row, begin, z);
 #pragma unroll
     for (int i = 0; i < kColumnsPerThread; ++i) {
-      saw_nan |= z[i] != z[i];
+      poisoned |= is_undefined_value(z[i]);
       excluded |= static_cast<uint32_t>(z[i] < plausibility_cut) << i;
     }
   }
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) score[i] = 0.f;
-  add_models<kFull, false>(p, weight, offset, row, begin, score, excluded, saw_nan);
+  add_models<kFull, false>(p, weight, offset, row, begin, score, excluded, poisoned);
   // A -inf, +inf or NaN value (or a column past the vocabulary, loaded as -inf) leaves its sum
   // non-finite: only then are the columns summed again under the exact rules.
   bool finite = true;
@@ -211,7 +212,7 @@ __device__ __forceinline__ void score_columns(const FusionParams& p, const float
   if (!finite) {
 #pragma unroll
     for (int i = 0; i < kColumnsPerThread; ++i) score[i] = 0.f;
-    add_models<kFull, true>(p, weight, offset, row, begin, score, excluded, saw_nan);
+    add_models<kFull, true>(p, weight, offset, row, begin, score, excluded, poisoned);
   }
 #pragma unroll
   for (int i = 0; i < kColumnsPerThread; ++i) {
@@ -229,8 +230,8 @@ template <bool kFull>
 __device__ __forceinline__ OnlineLse score_chunk(const FusionParams& p, const float* weight, const float* offset,
                                                  float plausibility_cut, int64_t row, int64_t begin) {
   float score[kColumnsPerThread];
-  bool saw_nan = false;
-  score_columns<kFull>(p, weight, offset, plausibility_cut, row, begin, score, saw_nan);
+  bool poisoned = false;
+  score_columns<kFull>(p, weight, offset, plausibility_cut, row, begin, score, poisoned);
   const int64_t first = thread_first_column(begin);
   float* out = p.out + row * p.out_row_stride + first;
   if (kFull && reinterpret_cast<uintptr_t>(p.out + row * p.out_row_stride) % 16 == 0) {
@@ -244,9 +245,9 @@ __device__ __forceinline__ OnlineLse score_chunk(const FusionParams& p, const fl
       if (first + i < p.vocab) out[i] = score[i];
     }
   }
-  // A NaN in a participating model poisons the row: carried in the partial state's flag.
+  // A NaN or +inf in a participating model poisons the row: carried in the partial state's flag.
   OnlineLse columns = values_lse(score);
-  columns.has_nan |= saw_nan;
+  columns.has_nan |= poisoned;
   return columns;
 }
 

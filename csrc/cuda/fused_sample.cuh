@@ -128,7 +128,7 @@ __device__ __forceinline__ void apply_plausibility(const FusionParams& p, const 
 }
 
 // Adds w_k z_k of every used model to the thread's columns, from 0. Exact: as the reference adds
-// them (add_weighted: a -inf excludes its column; a NaN, or +inf in a normalised model, sets
+// them (add_weighted: a -inf excludes its column; a NaN or +inf poisons the row, setting
 // `undefined`). Not exact: the plain sums, for the common case in which every value is finite.
 template <bool kExact>
 __device__ __forceinline__ void add_models(const FusionParams& p, const ModelRow* models, int64_t col, int count,
@@ -145,8 +145,7 @@ __device__ __forceinline__ void add_models(const FusionParams& p, const ModelRow
       if (!kExact) {
         score[lane] = add_product(score[lane], w, z[lane]);
       } else if (lane < count) {
-        // log_softmax of a row holding +inf is NaN/-inf everywhere: no token.
-        undefined |= (z[lane] != z[lane]) || (p.normalize && z[lane] == INFINITY);
+        undefined |= is_undefined_value(z[lane]);
         score[lane] = add_weighted(score[lane], w, z[lane]);
       }
     }
@@ -154,7 +153,7 @@ __device__ __forceinline__ void add_models(const FusionParams& p, const ModelRow
 }
 
 // s(x) / temperature-ready scores of the thread's columns, as the reference builds them (see
-// common/sampling.h), -inf where implausible; `undefined` is set by a NaN, or a +inf that survives.
+// common/sampling.h), -inf where implausible; `undefined` is set by a poisoned value or score.
 __device__ __forceinline__ void sampling_scores(const FusionParams& p, const ModelRow* models, float plausibility_cut,
                                                 int64_t col, int count, float (&score)[kColumnsPerThread],
                                                 bool& undefined) {
@@ -165,8 +164,8 @@ __device__ __forceinline__ void sampling_scores(const FusionParams& p, const Mod
 }
 
 // sampling_scores for the common case, in which every used model's value and the weighted sum are
-// finite at every column of the thread: then the reference's -inf / +inf / NaN rules change
-// nothing, and one check per column replaces them. Returns false, having computed nothing the
+// finite at every column of the thread: then the -inf / +inf / NaN rules change nothing, and one
+// check per column replaces them. Returns false, having computed nothing the
 // caller may use, when any sum is not finite; sampling_scores then recomputes the columns.
 __device__ __forceinline__ bool finite_sampling_scores(const FusionParams& p, const ModelRow* models,
                                                        float plausibility_cut, int64_t col, int count,

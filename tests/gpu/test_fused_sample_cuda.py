@@ -36,6 +36,10 @@ def test_rows_without_a_token():
     checks.check_rows_without_a_token("cuda", "cuda")
 
 
+def test_undefined_values_give_no_token():
+    checks.check_undefined_values_give_no_token("cuda", "cuda")
+
+
 def test_an_empty_batch():
     checks.check_an_empty_batch("cuda", "cuda")
 

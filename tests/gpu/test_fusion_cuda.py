@@ -6,6 +6,7 @@ import collab_ops
 from fusion_kernel_checks import (
     check_dynamic_fusion_case,
     check_fusion_case,
+    check_undefined_values_poison_rows,
     dynamic_fusion_cases,
     dynamic_fusion_gpu_cases,
     fusion_cases,
@@ -24,6 +25,10 @@ def test_cuda_backend_is_available_on_a_gpu_machine():
 @pytest.mark.parametrize("index", range(len(CASES)))
 def test_fuse_logits_cuda_matches_reference(index):
     check_fusion_case("cuda", "cuda", CASES[index], seed=2000 + index)
+
+
+def test_fuse_logits_undefined_values_poison_rows():
+    check_undefined_values_poison_rows("cuda", "cuda")
 
 
 def test_fuse_logits_default_dispatch_picks_cuda():
