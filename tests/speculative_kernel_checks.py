@@ -101,6 +101,7 @@ GREEDY_CASES = [
     (7, 3, 4099, "logits", torch.float32, "padded", 3),
     (7, 3, 333, "probs", torch.float32, "position_major", 2),
     (3, 0, 50, "logits", torch.float32, "contiguous", 1),
+    (2, 2, 20011, "logits", torch.bfloat16, "contiguous", 1),  # many 16-byte loads per thread
 ]
 
 

@@ -218,9 +218,8 @@ __device__ T merge_published(const T* partials, int count, T identity, Merge mer
 
 __device__ __forceinline__ int scalar_bytes(ScalarKind kind) { return kind == ScalarKind::kFloat32 ? 4 : 2; }
 
-// The 4 (fp32, then 4 zeros) or 8 (bf16, fp16) values of the 16 aligned bytes at `address`.
-__device__ __forceinline__ void load_vector(const char* address, ScalarKind kind, float (&values)[8]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(address));
+// The 4 (fp32, then 4 zeros) or 8 (bf16, fp16) values of 16 loaded bytes.
+__device__ __forceinline__ void unpack_vector(const uint4& raw, ScalarKind kind, float (&values)[8]) {
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -243,7 +242,11 @@ __device__ __forceinline__ void load_vector(const char* address, ScalarKind kind
 // count - 1 in a[0..count), b[0..count)). 16-byte loads when the rows share their alignment, scalar
 // loads for the unaligned head and tail (or everywhere when they do not). A thread's columns come
 // in no fixed order: reductions break ties by column.
-template <int kThreads, int kRows, class Visit, class VisitVector>
+// kPrefetch software-pipelines the 16-byte loads: the next vector's are issued before this one is
+// visited, so a thread keeps its next 16 (or 32) bytes in flight while it computes. For sweeps
+// with little arithmetic per byte (the normalisers) when few blocks per SM hold long stretches of
+// rows; it costs registers that the race's sweep cannot spare without spilling.
+template <int kThreads, int kRows, bool kPrefetch = false, class Visit, class VisitVector>
 __device__ __forceinline__ void visit_columns(ScalarKind kind, const char* row_a, const char* row_b, int64_t begin,
                                               int64_t end, Visit& visit, VisitVector& visit_vector) {
   const int bytes = scalar_bytes(kind);
@@ -259,17 +262,36 @@ __device__ __forceinline__ void visit_columns(ScalarKind kind, const char* row_a
   for (int64_t col = begin + threadIdx.x; col < body; col += kThreads) {
     visit(col, load_as_float(row_a, kind, col), kRows == 2 ? load_as_float(row_b, kind, col) : 0.f);
   }
-  for (int64_t v = threadIdx.x; v < vectors; v += kThreads) {
-    const int64_t col = body + v * per_vector;
+  auto load = [&](const char* row, int64_t v) {
+    return __ldg(reinterpret_cast<const uint4*>(row + (body + v * per_vector) * bytes));
+  };
+  int64_t v = threadIdx.x;
+  uint4 next_a = {}, next_b = {};
+  if (kPrefetch && v < vectors) {
+    next_a = load(row_a, v);
+    if (kRows == 2) next_b = load(row_b, v);
+  }
+  for (; v < vectors; v += kThreads) {
+    uint4 raw_a, raw_b = {};
+    if (kPrefetch) {
+      raw_a = next_a, raw_b = next_b;
+      if (v + kThreads < vectors) {
+        next_a = load(row_a, v + kThreads);
+        if (kRows == 2) next_b = load(row_b, v + kThreads);
+      }
+    } else {
+      raw_a = load(row_a, v);
+      if (kRows == 2) raw_b = load(row_b, v);
+    }
     float a[8], b[8];
-    load_vector(row_a + col * bytes, kind, a);
+    unpack_vector(raw_a, kind, a);
     if (kRows == 2) {
-      load_vector(row_b + col * bytes, kind, b);
+      unpack_vector(raw_b, kind, b);
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) b[e] = 0.f;
     }
-    visit_vector(col, a, b, per_vector);
+    visit_vector(body + v * per_vector, a, b, per_vector);
   }
   for (int64_t col = tail + threadIdx.x; col < end; col += kThreads) {
     visit(col, load_as_float(row_a, kind, col), kRows == 2 ? load_as_float(row_b, kind, col) : 0.f);
@@ -343,7 +365,7 @@ __device__ RowPartial single_row_partial(const SpeculativeParams& p, const char*
     add_log2_vector(local, x2, count);
     if (want_argmax) track_best_vector(local, a, count, col);
   };
-  visit_columns<kThreads, 1>(p.kind, row, nullptr, begin, end, visit, visit_vector);
+  visit_columns<kThreads, 1, true>(p.kind, row, nullptr, begin, end, visit, visit_vector);
   return block_merge<kThreads>(local, MergeRowPartial{});
 }
 
@@ -362,7 +384,7 @@ __device__ RowPartial fused_row_partial(const SpeculativeParams& p, const RowTar
 }
 
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads) normaliser_kernel(SpeculativeParams p, SpeculativeWorkspace w) {
+__global__ void __launch_bounds__(kThreads, 4) normaliser_kernel(SpeculativeParams p, SpeculativeWorkspace w) {
   const int64_t split = blockIdx.x, position = blockIdx.y, row = blockIdx.z;
   const int64_t n = row_num_drafts(p, row);
   if (n < 0 || n > p.num_drafts || position > n) return;  // an invalid row, or a position past n
