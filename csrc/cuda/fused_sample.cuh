@@ -111,8 +111,11 @@ __device__ __forceinline__ void load_columns(const ModelRow& m, int64_t col, int
       z[lane] = lane < count ? load_as_float(m.data, m.kind, col + lane) : 0.f;
     }
   }
+  // Temperature 1 (the usual case) skips the multiplications, which would change no bit.
+  if (m.inv_temperature != 1.f) {
 #pragma unroll
-  for (int lane = 0; lane < kColumnsPerThread; ++lane) z[lane] *= m.inv_temperature;
+    for (int lane = 0; lane < kColumnsPerThread; ++lane) z[lane] *= m.inv_temperature;
+  }
 }
 
 // The plausibility cut of the reference model: -inf at the thread's columns it rules out.
@@ -140,11 +143,25 @@ __device__ __forceinline__ void add_models(const FusionParams& p, const ModelRow
     if (w == 0.f) continue;
     float z[kColumnsPerThread];
     load_columns(models[k], col, count, z);
+    if (!kExact) {
+      // Weights of +-1 (proxy-tuning, EFT, Li et al.'s contrastive decoding) add or subtract: w * z
+      // is exactly +-z then (and a lone add has nothing to contract), so every branch gives
+      // add_product's bits, with one instruction less.
+      if (w == 1.f) {
+#pragma unroll
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] += z[lane];
+      } else if (w == -1.f) {
+#pragma unroll
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] -= z[lane];
+      } else {
+#pragma unroll
+        for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] = add_product(score[lane], w, z[lane]);
+      }
+      continue;
+    }
 #pragma unroll
     for (int lane = 0; lane < kColumnsPerThread; ++lane) {
-      if (!kExact) {
-        score[lane] = add_product(score[lane], w, z[lane]);
-      } else if (lane < count) {
+      if (lane < count) {
         undefined |= is_undefined_value(z[lane]);
         score[lane] = add_weighted(score[lane], w, z[lane]);
       }
@@ -246,10 +263,13 @@ __global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chu
         if (!finite_sampling_scores(p, models, state.plausibility_cut, first, count, x)) {
           sampling_scores(p, models, state.plausibility_cut, first, count, x, undefined);
         }
+        if (scale != 1.f) {  // (x * 1 would change no bit)
 #pragma unroll
-        for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) {
-          x[lane] *= scale;
-          if (kPass == ChunkPass::kStats && scores_row != nullptr) scores_row[first + lane] = x[lane];
+          for (int lane = 0; lane < kColumnsPerThread; ++lane) x[lane] *= scale;
+        }
+        if (kPass == ChunkPass::kStats && scores_row != nullptr) {
+#pragma unroll
+          for (int lane = 0; lane < kColumnsPerThread; ++lane) if (lane < count) scores_row[first + lane] = x[lane];
         }
       }
       if (!kSample) {  // the sampling passes' fold reads no maximum
