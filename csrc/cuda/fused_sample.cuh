@@ -157,13 +157,13 @@ __device__ __forceinline__ void add_models(const FusionParams& p, const ModelRow
 #pragma unroll
         for (int lane = 0; lane < kColumnsPerThread; ++lane) score[lane] = add_product(score[lane], w, z[lane]);
       }
-      continue;
-    }
+    } else {
 #pragma unroll
-    for (int lane = 0; lane < kColumnsPerThread; ++lane) {
-      if (lane < count) {
-        undefined |= is_undefined_value(z[lane]);
-        score[lane] = add_weighted(score[lane], w, z[lane]);
+      for (int lane = 0; lane < kColumnsPerThread; ++lane) {
+        if (lane < count) {
+          undefined |= is_undefined_value(z[lane]);
+          score[lane] = add_weighted(score[lane], w, z[lane]);
+        }
       }
     }
   }
