@@ -78,7 +78,7 @@ inline KdLossInputs make_kd_loss_inputs(const at::Tensor& student, const at::Ten
   p.rows = rows;
   p.vocab = vocab_size;
   p.beta = static_cast<float>(beta);
-  p.divergence = resolve_divergence(divergence_from_name(divergence), p.beta);
+  p.divergence = resolve_divergence(divergence_from_name(divergence), beta);
   p.inv_temperature = static_cast<float>(1.0 / temperature);
   p.soft_scale = static_cast<float>(soft_scale);
   p.hard_weight = static_cast<float>(hard_weight);

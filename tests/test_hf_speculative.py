@@ -94,6 +94,26 @@ def test_eos_stops_rows_and_pads_like_generate(target, close_draft):
     assert (generated[0, ids.shape[1] + 4:] == pad).all()
 
 
+@pytest.mark.parametrize("setting", [dict(repetition_penalty=1.05), dict(no_repeat_ngram_size=2),
+                                     dict(suppress_tokens=[3]), dict(min_new_tokens=2)])
+def test_generation_config_logits_processors_are_refused(target, close_draft, setting):
+    """generate would apply these to the target's logits; speculative_generate applies none and must
+    say so, not return a different decoding (min_new_tokens acts only with an EOS id)."""
+    ids, mask = prompts_of_different_lengths()
+    (name, value), = setting.items()
+    original = getattr(target.generation_config, name)
+    try:
+        setattr(target.generation_config, name, value)
+        with pytest.raises(ValueError, match=f"{name}=.*target.generation_config"):
+            speculative_generate(target, close_draft, ids, attention_mask=mask, max_new_tokens=4, eos_token_id=1)
+        if name == "min_new_tokens":  # without an EOS id it changes nothing
+            assert torch.equal(speculative_generate(target, close_draft, ids, attention_mask=mask, max_new_tokens=4,
+                                                    eos_token_id=[]),
+                               target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=4))
+    finally:
+        setattr(target.generation_config, name, original)
+
+
 def test_draft_with_padded_vocabulary(target):
     wide_draft = perturbed_copy(target, noise=0.004, vocab_size=VOCAB + 16)
     with torch.no_grad():  # make the padding columns win the draft's argmax unless aligned away

@@ -126,6 +126,43 @@ def _token_ids(name: str, value) -> list[int]:
     return values
 
 
+# GenerationConfig settings for which `generate` adds a logits processor in greedy and sampled
+# decoding alike (transformers' GenerationMixin._get_logits_processor), each with the test that it
+# is on. min_length and min_new_tokens act only with an EOS id.
+_LOGITS_PROCESSOR_SETTINGS = {
+    "repetition_penalty": lambda value, eos: value is not None and value != 1.0,
+    "no_repeat_ngram_size": lambda value, eos: value is not None and value > 0,
+    "bad_words_ids": lambda value, eos: value is not None,
+    "sequence_bias": lambda value, eos: value is not None,
+    "suppress_tokens": lambda value, eos: value is not None,
+    "begin_suppress_tokens": lambda value, eos: value is not None,
+    "forced_bos_token_id": lambda value, eos: value is not None,
+    "forced_eos_token_id": lambda value, eos: value is not None,
+    "exponential_decay_length_penalty": lambda value, eos: value is not None,
+    "guidance_scale": lambda value, eos: value is not None and value != 1,
+    "watermarking_config": lambda value, eos: value is not None,
+    "min_length": lambda value, eos: eos and value is not None and value > 0,
+    "min_new_tokens": lambda value, eos: eos and value is not None and value > 0,
+}
+
+
+def _refuse_logits_processor_settings(generation_config, has_eos: bool) -> None:
+    """speculative_generate scores with the models' logits alone: a target whose generation_config
+    makes `generate` change them (a repetition penalty, banned words, ...) would decode differently
+    here, so it is refused rather than silently ignored."""
+    if generation_config is None:
+        return
+    active = [f"{name}={getattr(generation_config, name)!r}" for name, is_on in _LOGITS_PROCESSOR_SETTINGS.items()
+              if is_on(getattr(generation_config, name, None), has_eos)]
+    if active:
+        raise ValueError(
+            f"the target's generation_config sets {', '.join(active)}: generate applies logits processors for "
+            "these, speculative_generate applies none, so its output would differ from the target's own generate. "
+            "Reset them on target.generation_config (e.g. repetition_penalty = 1.0, suppress_tokens = None) to "
+            "decode without them"
+        )
+
+
 def _check_models(target, draft) -> tuple[list[torch.nn.Module], torch.device]:
     targets = [target] if isinstance(target, torch.nn.Module) else target
     if not isinstance(targets, (list, tuple)) or not all(isinstance(m, torch.nn.Module) for m in targets):
@@ -255,6 +292,11 @@ def speculative_generate(
         `pad_token_id` after their EOS, as `generate` pads them. With `return_stats`, a tuple
         (sequences, stats).
 
+    The first target's `generation_config` may not ask for logits processors that `generate` would
+    apply (repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens, min_new_tokens,
+    ...; some instruct checkpoints ship repetition_penalty = 1.05): speculative_generate applies
+    none, so it raises ValueError naming them instead of decoding differently from `generate`.
+
     Each round reads a few scalars on the host (how many drafts, how far to crop the caches,
     which rows are done). The batched cache keeps rejected drafts as masked holes, cropped to the
     longest accepted prefix (the module docstring says why). The models must be causal LMs with
@@ -285,6 +327,7 @@ def speculative_generate(
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0  # without an EOS no row is ever padded
     pad_token_id = check_int("pad_token_id", pad_token_id, minimum=0)
+    _refuse_logits_processor_settings(generation_config, bool(eos_ids))
     eos_tensor = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     draft_model = _CachedModel(draft, "draft")

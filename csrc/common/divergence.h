@@ -22,14 +22,15 @@ enum class Divergence : int32_t { kForwardKl, kReverseKl, kJsd, kSkewForwardKl, 
 // The generalised JSD tends to 0 at β = 0 and β = 1; those endpoints are defined as the two KL
 // directions and run their formulas, so that they are exact (as in Liger and the reference). The
 // skew KLs at β = 0 are those KL directions too, run by their formulas: the mixture's probability
-// would underflow where the log-probability is still finite.
-COLLAB_HD Divergence resolve_divergence(Divergence divergence, float beta) {
+// would underflow where the log-probability is still finite. β is the caller's double: a β within
+// float rounding of 1 (0.99999999) is a JSD, not reverse KL, as in the reference.
+COLLAB_HD Divergence resolve_divergence(Divergence divergence, double beta) {
   if (divergence == Divergence::kJsd) {
-    if (beta == 0.f) return Divergence::kForwardKl;
-    if (beta == 1.f) return Divergence::kReverseKl;
+    if (beta == 0.0) return Divergence::kForwardKl;
+    if (beta == 1.0) return Divergence::kReverseKl;
   }
-  if (divergence == Divergence::kSkewForwardKl && beta == 0.f) return Divergence::kForwardKl;
-  if (divergence == Divergence::kSkewReverseKl && beta == 0.f) return Divergence::kReverseKl;
+  if (divergence == Divergence::kSkewForwardKl && beta == 0.0) return Divergence::kForwardKl;
+  if (divergence == Divergence::kSkewReverseKl && beta == 0.0) return Divergence::kReverseKl;
   return divergence;
 }
 
