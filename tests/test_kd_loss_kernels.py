@@ -137,6 +137,47 @@ def test_jsd_endpoints_are_bitwise_the_kl_directions_at_full_width():
         assert torch.equal(jsd[0], kl[0]) and torch.equal(jsd[1], kl[1])
 
 
+def test_beta_within_float_rounding_of_one_is_still_a_jsd():
+    """β = 0.99999999 rounds to 1.0f: the endpoint must be resolved from the double, or the kernel
+    runs reverse KL (an O(1) loss where the JSD is ~1e-8)."""
+    student, teacher, labels = random_case(4, 50, seed=18, masked=False, ignored=False)
+    options = dict(divergence="jsd", beta=0.99999999)
+    ours = ops.kd_loss(student, teacher, labels, backend="cpu", **options)
+    exact = reference.kd_loss(student.double(), teacher.double(), labels, **options)
+    assert abs(float(ours) - float(exact)) < 1e-6 < float(ops.kd_loss(student, teacher, labels, divergence="reverse_kl"))
+
+
+def test_gradient_past_vocab_size_is_zero_when_the_row_loss_is_infinite():
+    """reverse KL is +inf where the teacher rules out a token the student keeps: the columns past
+    vocab_size still get 0, not the padding lanes' 0 · inf."""
+    student, teacher = torch.randn(2, 8), torch.randn(2, 8)
+    teacher[0, 2] = -math.inf
+    grad = loss_and_grad(lambda s: ops.kd_loss(s, teacher, None, divergence="reverse_kl", vocab_size=5,
+                                               reduction="none", backend="cpu"), student)[1]
+    assert torch.equal(grad[:, 5:], torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("divergence", ops.DIVERGENCES)
+def test_large_logits_keep_their_log_probabilities_accurate(divergence):
+    """Logits around 40, as an LM head gives: the row's log-normaliser kept as (max, log Σ), as
+    torch's log_softmax does; one fp32 log-sum-exp would put its ~2e-6 rounding into every term
+    (3-13x over the tolerance rule before)."""
+    generator = torch.Generator().manual_seed(19)
+    student = 10 * torch.randn(6, 300, generator=generator) + 40
+    teacher = 10 * torch.randn(6, 300, generator=generator) + 40
+    labels = torch.randint(0, 300, (6,), generator=generator)
+    check_kernel(student, teacher, labels, divergence=divergence, beta=BETA.get(divergence, 0.5), hard_weight=0.5,
+                 reduction="none")
+
+
+def test_float64_num_items_in_batch_keeps_a_float32_loss():
+    student, teacher, labels = random_case(6, 20, seed=20, masked=False)
+    for backend in ("cpu", "reference"):
+        loss = ops.kd_loss(student, teacher, labels, num_items_in_batch=torch.tensor(7.0, dtype=torch.float64),
+                           backend=backend)
+        assert loss.dtype == torch.float32, backend
+
+
 def test_results_do_not_depend_on_the_thread_count():
     student, teacher, labels = random_case(16, 2100, seed=17)
     run = lambda: loss_and_grad(  # noqa: E731

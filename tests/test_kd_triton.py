@@ -188,6 +188,41 @@ def test_kd_loss_every_divergence_with_masked_tokens_across_blocks(divergence, b
     assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
 
 
+@pytest.mark.parametrize("divergence, beta", DIVERGENCE_CASES)
+def test_kd_loss_large_logits_keep_their_log_probabilities_accurate(divergence, beta):
+    """Logits around 40 (an LM head's): the log-normalisers kept as (max, log Σ), within the
+    tolerance rule against the float64 reference (a single fp32 log-sum-exp was 2-6x over it)."""
+    from collab_ops.reference import distill as reference
+    from tolerance import assert_close_to_reference
+
+    def reference_loss_and_grad(student, teacher):  # the oracle itself, which takes float64
+        student = student.detach().clone().requires_grad_(True)
+        loss = reference.kd_loss(student, teacher, labels, **options)
+        weights = torch.rand(loss.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, loss.dtype)
+        return loss, torch.autograd.grad((loss * weights).sum(), student)[0]
+
+    student, teacher = randn(6, 300, seed=95, scale=10.0) + 40, randn(6, 300, seed=96, scale=10.0) + 40
+    labels = torch.randint(0, 300, (6,), generator=torch.Generator().manual_seed(97)).to(DEVICE)
+    options = dict(divergence=divergence, beta=beta, hard_weight=0.5, reduction="none")
+    ours = kd_loss_and_grad("triton", student, teacher, labels, **options)
+    exact = reference_loss_and_grad(student.double(), teacher.double())
+    working = reference_loss_and_grad(student, teacher)
+    for what, got, truth, baseline in zip(("loss", "gradient"), ours, exact, working):
+        assert_close_to_reference(got.detach().cpu(), truth.detach().cpu(), baseline.detach().cpu(),
+                                  what=f"{divergence} {what}")
+
+
+def test_kd_loss_label_outside_the_vocabulary_sends_no_gradient():
+    """Its loss is NaN; its row's hard term sends nothing (as on the cpu backend and the reference)."""
+    student, teacher = randn(2, 6, seed=98), randn(2, 6, seed=99)
+    labels = torch.tensor([7, 2], device=DEVICE)
+    options = dict(divergence="forward_kl", soft_weight=0.0, hard_weight=1.0, reduction="none")
+    loss, grad = kd_loss_and_grad("triton", student, teacher, labels, **options)
+    expected, expected_grad = kd_loss_and_grad("reference", student, teacher, labels, **options)
+    assert torch.isnan(loss[0]) and torch.equal(grad[0], torch.zeros_like(grad[0]))
+    torch.testing.assert_close(grad, expected_grad, **TOL)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_kd_loss_vocab_size_and_low_precision(reduction):
     student, teacher = randn(11, 40, seed=92, scale=3.0).half(), randn(11, 45, seed=93, scale=3.0).bfloat16()

@@ -512,7 +512,7 @@ register("fused_linear_kd_loss", "triton", _triton_distill.fused_linear_kd_loss,
 
 # Compiled CPU kernel of kd_loss (csrc/cpu/kd_loss.h): the op gives per-position losses, the
 # reduction stays in torch (no host synchronisation), and autograd reaches the student only.
-_KD_ROW_STATS = 4  # kKdRowStats in csrc/common/divergence.h
+_KD_ROW_STATS = 7  # kKdRowStats in csrc/common/divergence.h
 
 
 def _compiled_kd_refusal(*, teacher_indices, **_) -> Optional[str]:

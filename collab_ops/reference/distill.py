@@ -166,6 +166,8 @@ def reduce_positions(
     total = per_position.sum()
     if reduction == "sum":
         return total
+    if isinstance(num_items_in_batch, torch.Tensor):  # its dtype must not promote the loss (float64)
+        return total / num_items_in_batch.to(dtype=total.dtype)
     if num_items_in_batch is not None:
         return total / num_items_in_batch
     # A batch with nothing counted contributes 0 (not NaN) so accumulation across ranks stays finite.

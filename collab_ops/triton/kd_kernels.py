@@ -34,9 +34,11 @@ DIVERGENCE_CODES = {
     "skew_reverse_kl": SKEW_REVERSE_KL.value,
     "tvd": TVD.value,
 }
-# Per-row statistics a forward launch leaves for the backward one: log-sum-exp of the student at T,
-# of the teacher at T, of the student at temperature 1, and C.
-NUM_STATS = tl.constexpr(4)
+# Per-row statistics a forward launch leaves for the backward one: the log-normalisers of the
+# student at T, of the teacher at T and of the student at temperature 1, each as its (max, log Σ
+# exp(x − max)) pair, and C. A log-probability is then (x − max) − log Σ, as torch's log_softmax
+# computes it: one fp32 log-sum-exp near |x| = 40 would carry its rounding (~2e-6) into every one.
+NUM_STATS = tl.constexpr(7)
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -91,10 +93,16 @@ def _merge_lanes(lane_max, lane_sum, lane_extra):
 
 
 @triton.jit
-def _merged_lse(lane_max, lane_sum):
+def _merged_log_normaliser(lane_max, lane_sum):
+    """Per-lane online sums → (row max, log Σ exp(x − max)) of the whole row."""
     row_max = tl.max(lane_max, 0)
     shift = tl.where(row_max == NEG_INF, 0.0, row_max)
-    return row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - shift), 0))
+    return row_max, tl.log(tl.sum(lane_sum * tl.exp(lane_max - shift), 0))
+
+
+@triton.jit
+def _log_probability(x, row_max, log_sum):
+    return (x - row_max) - log_sum
 
 
 @triton.jit
@@ -161,17 +169,24 @@ def kd_rows_kernel(
         # Ignored rows read nothing: their logits may hold anything and they cost no bandwidth.
         active_blocks = tl.where(counted, num_blocks, 0)
 
-    lse_student = 0.0
-    lse_teacher = 0.0
-    lse_student_t1 = 0.0
+    # (max, log Σ exp(x − max)) of the student at T, the teacher at T, the student at T = 1
+    max_student = 0.0
+    log_sum_student = 0.0
+    max_teacher = 0.0
+    log_sum_teacher = 0.0
+    max_student_t1 = 0.0
+    log_sum_student_t1 = 0.0
     centre = 0.0
     soft = 0.0
     if LOAD_STATS:
         stats_row = stats_ptr + row * NUM_STATS
-        lse_student = tl.load(stats_row + 0)
-        lse_teacher = tl.load(stats_row + 1)
-        lse_student_t1 = tl.load(stats_row + 2)
-        centre = tl.load(stats_row + 3)
+        max_student = tl.load(stats_row + 0)
+        log_sum_student = tl.load(stats_row + 1)
+        max_teacher = tl.load(stats_row + 2)
+        log_sum_teacher = tl.load(stats_row + 3)
+        max_student_t1 = tl.load(stats_row + 4)
+        log_sum_student_t1 = tl.load(stats_row + 5)
+        centre = tl.load(stats_row + 6)
     else:
         # ---- pass 1: normalisers (and the KL directions' losses) ----
         max_s = tl.full([BLOCK_V], NEG_INF, tl.float32)
@@ -201,8 +216,8 @@ def kd_rows_kernel(
         if HAS_SOFT:
             row_max_s, row_sum_s, cross_s = _merge_lanes(max_s, sum_s, cross)
             row_max_t, row_sum_t, cross_t = _merge_lanes(max_t, sum_t, cross)
-            lse_student = row_max_s + tl.log(row_sum_s)
-            lse_teacher = row_max_t + tl.log(row_sum_t)
+            max_student, log_sum_student = row_max_s, tl.log(row_sum_s)
+            max_teacher, log_sum_teacher = row_max_t, tl.log(row_sum_t)
             if DIVERGENCE == FORWARD_KL:
                 # Σp(log p − log q), grouped so that a single-token row gives exactly 0
                 soft = cross_t / row_sum_t - (row_max_t - row_max_s) - tl.log(row_sum_t) + tl.log(row_sum_s)
@@ -218,8 +233,8 @@ def kd_rows_kernel(
                     in_vocab = cols < vocab
                     z = _load_logits(student_row, cols, in_vocab, softcap, SOFTCAP_STUDENT) * inv_temperature
                     y = _load_logits(teacher_row, cols, in_vocab, softcap, SOFTCAP_TEACHER) * inv_temperature
-                    log_q = z - lse_student
-                    log_p = y - lse_teacher
+                    log_q = _log_probability(z, max_student, log_sum_student)
+                    log_p = _log_probability(y, max_teacher, log_sum_teacher)
                     q = tl.exp(log_q)
                     term, g = _mixture_terms(log_p, log_q, tl.exp(log_p), q, beta, DIVERGENCE)
                     soft_lanes += term
@@ -228,13 +243,15 @@ def kd_rows_kernel(
                 centre = tl.sum(centre_lanes, 0)
         if HAS_HARD:
             if HARD_SHARES_SOFT_STATS:
-                lse_student_t1 = lse_student
+                max_student_t1, log_sum_student_t1 = max_student, log_sum_student
             else:
-                lse_student_t1 = _merged_lse(max_h, sum_h)
+                max_student_t1, log_sum_student_t1 = _merged_log_normaliser(max_h, sum_h)
 
     if WRITE_LOSS:
         per_position = 0.0
         if HAS_SOFT:
+            lse_student = max_student + log_sum_student
+            lse_teacher = max_teacher + log_sum_teacher
             no_mass = (lse_student != lse_student) | (lse_teacher != lse_teacher) | (lse_student == NEG_INF) | (
                 lse_teacher == NEG_INF)
             per_position += soft_scale * tl.where(no_mass, float("nan"), soft)
@@ -244,15 +261,19 @@ def kd_rows_kernel(
             label_logit = tl.load(student_row + safe_label).to(tl.float32)
             if SOFTCAP_STUDENT:
                 label_logit = _softcapped(label_logit, softcap)
-            per_position += hard_weight * tl.where(label_in_vocab, lse_student_t1 - label_logit, float("nan"))
+            cross_entropy = (max_student_t1 - label_logit) + log_sum_student_t1
+            per_position += hard_weight * tl.where(label_in_vocab, cross_entropy, float("nan"))
         tl.store(loss_ptr + row, tl.where(counted, per_position, 0.0))
 
     if STORE_STATS:
         stats_row = stats_ptr + row * NUM_STATS
-        tl.store(stats_row + 0, lse_student)
-        tl.store(stats_row + 1, lse_teacher)
-        tl.store(stats_row + 2, lse_student_t1)
-        tl.store(stats_row + 3, centre)
+        tl.store(stats_row + 0, max_student)
+        tl.store(stats_row + 1, log_sum_student)
+        tl.store(stats_row + 2, max_teacher)
+        tl.store(stats_row + 3, log_sum_teacher)
+        tl.store(stats_row + 4, max_student_t1)
+        tl.store(stats_row + 5, log_sum_student_t1)
+        tl.store(stats_row + 6, centre)
 
     if WRITE_GRAD:
         # ---- pass 3: the gradient; backwards when pass 2 did not run, so pass 1's tail is in L2 ----
@@ -273,8 +294,8 @@ def kd_rows_kernel(
             if HAS_SOFT:
                 z = x * inv_temperature
                 y = _load_logits(teacher_row, cols, in_vocab, softcap, SOFTCAP_TEACHER) * inv_temperature
-                log_q = z - lse_student
-                log_p = y - lse_teacher
+                log_q = _log_probability(z, max_student, log_sum_student)
+                log_p = _log_probability(y, max_teacher, log_sum_teacher)
                 q = tl.exp(log_q)
                 p = tl.exp(log_p)
                 if DIVERGENCE == FORWARD_KL:
@@ -286,8 +307,11 @@ def kd_rows_kernel(
                     soft_grad = tl.where(q > 0, q * (g - centre), 0.0)
                 grad += soft_factor * soft_grad
             if HAS_HARD:
-                q_t1 = tl.exp(x - lse_student_t1)
-                grad += hard_factor * (q_t1 - tl.where(cols == label, 1.0, 0.0))
+                # a label outside [0, vocab) makes the loss NaN and, as on the other backends,
+                # sends no gradient
+                q_t1 = tl.exp(_log_probability(x, max_student_t1, log_sum_student_t1))
+                label_in_vocab = (label >= 0) & (label < vocab)
+                grad += tl.where(label_in_vocab, hard_factor * (q_t1 - tl.where(cols == label, 1.0, 0.0)), 0.0)
             if SOFTCAP_STUDENT:
                 grad = grad * (1.0 - (x / softcap) * (x / softcap))
             grad = tl.where(in_vocab, grad, 0.0)

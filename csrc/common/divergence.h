@@ -34,14 +34,27 @@ COLLAB_HD Divergence resolve_divergence(Divergence divergence, double beta) {
   return divergence;
 }
 
+// log Σ_j exp(x_j) of a row as the pair (max, log Σ exp(x − max)): a log-probability is then
+// (x − max) − log_sum, as torch's log_softmax computes it, where one fp32 log-sum-exp near |x| = 40
+// would carry its rounding (~2e-6) into every log-probability of the row.
+struct LogNormaliser {
+  float max;      // −inf for an all −inf row; NaN for a row holding NaN
+  float log_sum;  // ≥ 0 for a finite max
+  COLLAB_HD float log_probability(float x) const { return (x - max) - log_sum; }
+  COLLAB_HD float value() const { return max + log_sum; }
+};
+
 // A row whose student or teacher logits are all −inf has no distribution on that side: its soft
 // term is NaN (whatever the divergence's formula would make of 0·log 0 there).
 COLLAB_HD bool soft_term_defined(float student_lse, float teacher_lse) {
   return student_lse != -INFINITY && teacher_lse != -INFINITY;
 }
 
-// Per-row constants the forward pass saves for the backward: [rows, kKdRowStats] fp32.
-enum KdRowStat : int { kStudentLse, kTeacherLse, kHardLse, kGradLogQSum, kKdRowStats };
+// Per-row constants the forward pass saves for the backward: [rows, kKdRowStats] fp32, each
+// normaliser as its (max, log_sum) pair.
+enum KdRowStat : int {
+  kStudentMax, kStudentLogSum, kTeacherMax, kTeacherLogSum, kHardMax, kHardLogSum, kGradLogQSum, kKdRowStats
+};
 
 struct KdLossParams {
   const void* student;  // [rows, >= vocab], unit column stride

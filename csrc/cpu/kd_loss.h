@@ -97,11 +97,11 @@ class RowLse {
     }
   }
 
-  // −inf for an all −inf row; NaN for a row holding NaN.
-  float value() const {
-    if (has_nan_) return NAN;
-    if (max_ == -INFINITY || max_ == INFINITY) return max_;
-    return static_cast<float>(max_ + std::log(sum_));
+  // max −inf for an all −inf row; NaN for a row holding NaN.
+  LogNormaliser value() const {
+    if (has_nan_) return LogNormaliser{NAN, NAN};
+    if (max_ == -INFINITY || max_ == INFINITY) return LogNormaliser{max_, 0.f};
+    return LogNormaliser{max_, static_cast<float>(std::log(sum_))};
   }
 
  private:
@@ -116,7 +116,8 @@ struct SoftSums {
 };
 
 template <Divergence kDivergence>
-inline SoftSums soft_row_sums(const KdLossParams& p, int64_t row, float student_lse, float teacher_lse, KdTiles& tiles) {
+inline SoftSums soft_row_sums(const KdLossParams& p, int64_t row, LogNormaliser student_lse, LogNormaliser teacher_lse,
+                              KdTiles& tiles) {
   SoftSums sums;
   const float inv_t = p.inv_temperature, beta = p.beta;
   const float* student = tiles.student;
@@ -129,8 +130,8 @@ inline SoftSums soft_row_sums(const KdLossParams& p, int64_t row, float student_
     float* values = tiles.grad;
     float* grad_log_q = tiles.grad_log_q;
     for (int64_t i = 0; i < padded; ++i) {
-      const DivergenceTerm term =
-          divergence_term<kDivergence>(teacher[i] - teacher_lse, student[i] * inv_t - student_lse, beta);
+      const DivergenceTerm term = divergence_term<kDivergence>(teacher_lse.log_probability(teacher[i]),
+                                                               student_lse.log_probability(student[i] * inv_t), beta);
       values[i] = term.value;
       grad_log_q[i] = term.grad_log_q;
     }
@@ -144,14 +145,15 @@ inline SoftSums soft_row_sums(const KdLossParams& p, int64_t row, float student_
 template <Divergence kDivergence>
 inline void add_soft_gradient(const KdLossParams& p, const float* row_stats, float coef, int64_t padded, KdTiles& tiles) {
   const float inv_t = p.inv_temperature, beta = p.beta;
-  const float student_lse = row_stats[kStudentLse], teacher_lse = row_stats[kTeacherLse];
+  const LogNormaliser student_lse{row_stats[kStudentMax], row_stats[kStudentLogSum]};
+  const LogNormaliser teacher_lse{row_stats[kTeacherMax], row_stats[kTeacherLogSum]};
   const float grad_log_q_sum = row_stats[kGradLogQSum];
   const float* student = tiles.student;
   const float* teacher = tiles.teacher;
   float* grad = tiles.grad;
   for (int64_t i = 0; i < padded; ++i) {
-    const float log_q = student[i] * inv_t - student_lse;
-    const DivergenceTerm term = divergence_term<kDivergence>(teacher[i] - teacher_lse, log_q, beta);
+    const float log_q = student_lse.log_probability(student[i] * inv_t);
+    const DivergenceTerm term = divergence_term<kDivergence>(teacher_lse.log_probability(teacher[i]), log_q, beta);
     grad[i] += coef * (term.grad_log_q - vector_exp(log_q) * grad_log_q_sum);
   }
 }
@@ -206,22 +208,27 @@ inline void kd_loss_forward_row(const KdLossParams& p, int64_t row, KdTiles& til
   }
 
   float total = 0.f;
+  LogNormaliser student{}, teacher{};
   if (soft) {
-    row_stats[kStudentLse] = student_lse.value();
-    row_stats[kTeacherLse] = teacher_lse.value();
+    student = student_lse.value();
+    teacher = teacher_lse.value();
+    row_stats[kStudentMax] = student.max, row_stats[kStudentLogSum] = student.log_sum;
+    row_stats[kTeacherMax] = teacher.max, row_stats[kTeacherLogSum] = teacher.log_sum;
     const SoftSums sums = with_divergence(p.divergence, [&](auto divergence) {
-      return soft_row_sums<decltype(divergence)::value>(p, row, row_stats[kStudentLse], row_stats[kTeacherLse], tiles);
+      return soft_row_sums<decltype(divergence)::value>(p, row, student, teacher, tiles);
     });
     row_stats[kGradLogQSum] = static_cast<float>(sums.grad_log_q);
-    const bool defined = soft_term_defined(row_stats[kStudentLse], row_stats[kTeacherLse]);
+    const bool defined = soft_term_defined(student.value(), teacher.value());
     total += p.soft_scale * (defined ? static_cast<float>(sums.value) : NAN);
   }
   if (hard) {
-    row_stats[kHardLse] = own_hard_lse ? hard_lse.value() : row_stats[kStudentLse];
+    const LogNormaliser hard_normaliser = own_hard_lse ? hard_lse.value() : student;
+    row_stats[kHardMax] = hard_normaliser.max, row_stats[kHardLogSum] = hard_normaliser.log_sum;
     const int64_t target = hard_target(p, row);
     const float cross_entropy =
         target < 0 ? NAN
-                   : row_stats[kHardLse] - load_as_float(p.student, p.student_kind, row * p.student_row_stride + target);
+                   : -hard_normaliser.log_probability(
+                         load_as_float(p.student, p.student_kind, row * p.student_row_stride + target));
     total += p.hard_weight * cross_entropy;
   }
   loss[row] = total;
@@ -237,7 +244,7 @@ inline void kd_loss_backward_row(const KdLossParams& p, int64_t row, float upstr
   const float soft_coef = upstream * p.soft_scale * p.inv_temperature;
   const float hard_coef = upstream * p.hard_weight;
   const int64_t target = hard ? hard_target(p, row) : -1;
-  const float hard_lse = row_stats[kHardLse];
+  const LogNormaliser hard_lse{row_stats[kHardMax], row_stats[kHardLogSum]};
   const int64_t grad_offset = row * grad_row_stride;
   float* grad_tile = tiles.grad;
 
@@ -259,10 +266,13 @@ inline void kd_loss_backward_row(const KdLossParams& p, int64_t row, float upstr
       }
       if (hard && target >= 0) {
         const float* student = tiles.student;
-        for (int64_t i = 0; i < padded; ++i) grad_tile[i] += hard_coef * vector_exp(student[i] - hard_lse);
+        for (int64_t i = 0; i < padded; ++i) grad_tile[i] += hard_coef * vector_exp(hard_lse.log_probability(student[i]));
         if (target >= col && target < col + used) grad_tile[target - col] -= hard_coef;
       }
     }
+    // Columns past vocab take no part in the loss: 0, even where the padding lanes computed
+    // 0 · inf = NaN (a row whose soft term is +inf).
+    for (int64_t i = std::max<int64_t>(used, 0); i < count; ++i) grad_tile[i] = 0.f;
     store_tile(grad_tile, count, grad, grad_kind, grad_offset + col);
   }
 }
