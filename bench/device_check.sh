@@ -15,7 +15,8 @@
 # bench/hf_bench.py (the processors' per-step cost, the DistillationTrainer step against a
 # full-logits Trainer); "profile" runs bench/profile_gpu.py and, where Nsight Compute can read the
 # counters, ncu on its cases whose names contain one of the '|'-separated NCU_CASES (default
-# "B=128"; "none" skips ncu).
+# "B=128|B=64|grid=21": the B=128 fusion kernels, speculative_verify at B=64, dynamic fusion;
+# "none" skips ncu).
 # DEVICE_CHECK_ARCHIVE=FILE.tgz (an absolute path outside OUTDIR) packs OUTDIR into FILE after every
 # step, so that a run cut short still hands everything back in one file (the device tool returns
 # only a few files).
@@ -113,7 +114,8 @@ wants() { [[ $STEPS == *" $1 "* ]]; }
 
 if wants profile; then
   run_step profile 150 "$BENCH_RESERVE_S" python3 bench/profile_gpu.py "$OUT/profile_gpu.json"
-  if [[ ${NCU_CASES:-B=128} == none ]]; then
+  NCU_CASES=${NCU_CASES:-B=128|B=64|grid=21}
+  if [[ $NCU_CASES == none ]]; then
     :
   elif command -v ncu > /dev/null; then
     # WarpStateStats and the stall metrics name the dominant stall (cycles per issued instruction
@@ -125,7 +127,7 @@ if wants profile; then
     done
     run_step ncu 120 "$BENCH_RESERVE_S" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats \
-      --section ComputeWorkloadAnalysis --metrics "$stalls" python3 bench/profile_gpu.py --once "${NCU_CASES:-B=128}"
+      --section ComputeWorkloadAnalysis --metrics "$stalls" python3 bench/profile_gpu.py --once "$NCU_CASES"
   else
     echo "ncu: not on PATH" | tee -a "$OUT/summary.txt"
   fi
