@@ -69,6 +69,18 @@ def check_real(name: str, value) -> float:
     return value
 
 
+# Reals at or above this magnitude round to ±inf in float32 (FLT_MAX plus half its last unit).
+FLOAT32_OVERFLOW = 3.4028235677973366e38
+
+
+def check_float32(name: str, value) -> float:
+    """A real the kernels take as float32 (a fusion weight): finite before and after rounding."""
+    value = check_real(name, value)
+    if not abs(value) < FLOAT32_OVERFLOW:
+        raise ValueError(f"{name} must be finite in float32 (|value| < 3.4e38), got {value}")
+    return value
+
+
 def check_positive(name: str, value) -> float:
     value = check_real(name, value)
     if not value > 0 or math.isinf(value):

@@ -12,7 +12,7 @@ distribution (log_softmax only subtracts a per-row constant); the choice matters
 """
 from __future__ import annotations
 
-from ._validation import check_choice, check_in_range, check_positive, check_real
+from ._validation import check_choice, check_float32, check_in_range, check_positive
 
 EFT_DIRECTIONS = ("up", "down")
 
@@ -49,7 +49,7 @@ def cd_reasoning(beta: float = 0.5, alpha: float = 0.1) -> dict:
     Score (1 + beta) · l_exp − beta · l_ama on raw logits, with the alpha plausibility mask of
     the expert (tokens with p_exp < alpha · max p_exp get −inf).
     """
-    beta = check_real("beta", beta)
+    beta = check_float32("beta", beta)
     alpha = check_in_range("alpha", alpha, 0.0, 1.0, low_open=True)
     return _options([1.0 + beta, -beta], normalize=False, plausibility_alpha=alpha)
 
@@ -59,7 +59,7 @@ def proxy_tuning(alpha: float = 1.0) -> dict:
 
     Score log p_L(x) + alpha · (log p_tuned(x) − log p_base(x)).
     """
-    alpha = check_real("alpha", alpha)
+    alpha = check_float32("alpha", alpha)
     return _options([1.0, alpha, -alpha], normalize=True)
 
 
@@ -73,7 +73,7 @@ def eft(beta: float = 1.0, direction: str = "up") -> dict:
     large pretrained]. The arithmetic is the same; `direction` states which order you pass.
     beta scales the fine-tuning behaviour (beta = 1 is plain EFT).
     """
-    beta = check_real("beta", beta)
+    beta = check_float32("beta", beta)
     check_choice("direction", direction, EFT_DIRECTIONS)
     return _options([1.0, beta, -beta], normalize=True)
 
@@ -84,7 +84,7 @@ def dexperts(alpha: float = 2.0) -> dict:
     Score z_base + alpha · (z_expert − z_antiexpert) on raw logits (the paper's steering uses
     alpha around 2 for detoxification, the default here).
     """
-    alpha = check_real("alpha", alpha)
+    alpha = check_float32("alpha", alpha)
     return _options([1.0, alpha, -alpha], normalize=False)
 
 
@@ -94,5 +94,5 @@ def cfg(guidance_scale: float = 1.5) -> dict:
     Score log p_uncond + guidance_scale · (log p_cond − log p_uncond) in log-prob space, i.e.
     weights [guidance_scale, 1 − guidance_scale]; guidance_scale = 1 is the conditional model alone.
     """
-    guidance_scale = check_real("guidance_scale", guidance_scale)
+    guidance_scale = check_float32("guidance_scale", guidance_scale)
     return _options([guidance_scale, 1.0 - guidance_scale], normalize=True)

@@ -51,6 +51,8 @@ WEIGHT_CASES = [
     ("a string", "1,-1", TypeError, "weights"),
     ("a non-number entry", [1.0, "x"], TypeError, "weights[1]"),
     ("a NaN entry", [float("nan"), 1.0], ValueError, "weights[0]"),
+    ("an infinite entry", [1.0, float("-inf")], ValueError, "weights[1]"),
+    ("an entry beyond float32", [1e39, 1.0], ValueError, "weights[0]"),
     ("device mix", torch.ones(B, 2, device="meta"), ValueError, "weights"),
 ]
 
@@ -151,6 +153,7 @@ DYNAMIC_CASES = [
     ("empty grid", lambda l, e, b: (l, e, b), dict(grid=[]), ValueError, "grid"),
     ("NaN in grid", lambda l, e, b: (l, e, b), dict(grid=[0.0, float("nan")]), ValueError, "grid[1]"),
     ("infinite grid entry", lambda l, e, b: (l, e, b), dict(grid=[float("inf")]), ValueError, "grid[0]"),
+    ("grid entry beyond float32", lambda l, e, b: (l, e, b), dict(grid=[0.5, -1e39]), ValueError, "grid[1]"),
     ("2-D grid", lambda l, e, b: (l, e, b), dict(grid=torch.zeros(2, 2)), ValueError, "grid"),
     ("grid of strings", lambda l, e, b: (l, e, b), dict(grid="0.1"), TypeError, "grid"),
 ]
@@ -198,6 +201,8 @@ PRESET_CASES = [
     (lambda: presets.eft(beta=float("nan")), ValueError, "beta"),
     (lambda: presets.dexperts(alpha="2"), TypeError, "alpha"),
     (lambda: presets.cfg(guidance_scale=None), TypeError, "guidance_scale"),
+    (lambda: presets.proxy_tuning(alpha=float("inf")), ValueError, "alpha"),
+    (lambda: presets.cfg(guidance_scale=1e40), ValueError, "guidance_scale"),
 ]
 
 

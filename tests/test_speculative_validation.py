@@ -64,6 +64,7 @@ BAD_ARGUMENTS = {
     "unknown inputs": (dict(inputs="logprobs"), ValueError, "inputs"),
     "weights missing": (dict(target=targets()), ValueError, "target_weights"),
     "weights too few": (dict(target=targets(3), target_weights=[1.0, 1.0]), ValueError, "target_weights"),
+    "weight infinite": (dict(target=targets(), target_weights=[1.0, float("inf")]), ValueError, "target_weights[1]"),
     "weights tensor too many": (dict(target=targets(), target_weights=torch.ones(3)), ValueError, "target_weights"),
     "weights per-row batch": (dict(target=targets(), target_weights=torch.ones(BATCH + 1, 2)), ValueError, "target_weights"),
     "weights nan": (dict(target=targets(), target_weights=[1.0, float("nan")]), ValueError, "target_weights[1]"),

@@ -23,7 +23,6 @@ refuse, say, more than 8 models; the reference accepts any K.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -34,11 +33,11 @@ from .._validation import (
     canonical_seed,
     check_bool,
     check_choice,
+    check_float32,
     check_dim_size,
     check_in_range,
     check_int,
     check_positive,
-    check_real,
     check_same_device,
     check_tensor,
 )
@@ -109,7 +108,7 @@ def _canonical_weights(weights: Weights, num_models: int, batch: int, device: to
 def _constant_weights(weights: tuple) -> torch.Tensor:
     """The [K] CPU float32 tensor of constant weights, built once per distinct list: a decoding
     loop passes the same list every step. Kernels and references never write it."""
-    return torch.tensor([check_real(f"weights[{k}]", w) for k, w in enumerate(weights)], dtype=torch.float32)
+    return torch.tensor([check_float32(f"weights[{k}]", w) for k, w in enumerate(weights)], dtype=torch.float32)
 
 
 def _canonical_temperatures(temperatures, num_models: int) -> list[float]:
@@ -303,10 +302,8 @@ def _canonical_grid(grid, device: torch.device) -> torch.Tensor:
             raise ValueError(f"grid is on {grid.device} but the inputs are on {device}")
         values = grid.to(torch.float32)
     elif isinstance(grid, (list, tuple)):
-        for i, value in enumerate(grid):
-            if not math.isfinite(check_real(f"grid[{i}]", value)):
-                raise ValueError(f"grid[{i}] must be finite, got {value}")
-        values = torch.tensor([float(v) for v in grid], dtype=torch.float32, device=device)
+        values = torch.tensor([check_float32(f"grid[{i}]", v) for i, v in enumerate(grid)], dtype=torch.float32,
+                              device=device)
     else:
         raise TypeError(f"grid must be a list of floats or a 1-D tensor, got {type(grid).__name__}")
     if values.numel() == 0:

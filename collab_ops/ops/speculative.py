@@ -51,7 +51,7 @@ from .._validation import (
     check_dim_size,
     check_float_tensor,
     check_positive,
-    check_real,
+    check_float32,
     check_same_device,
     check_tensor,
 )
@@ -238,7 +238,7 @@ def _canonical_weights(target_weights, num_targets: int, batch: int, device: tor
         raise TypeError(f"target_weights must be a sequence of floats or a tensor, got {type(target_weights).__name__}")
     if len(target_weights) != num_targets:
         raise ValueError(f"target_weights has {len(target_weights)} weights but there are {num_targets} targets")
-    values = [check_real(f"target_weights[{index}]", weight) for index, weight in enumerate(target_weights)]
+    values = [check_float32(f"target_weights[{index}]", weight) for index, weight in enumerate(target_weights)]
     return torch.tensor(values, dtype=torch.float32)
 
 
