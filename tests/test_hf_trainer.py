@@ -118,6 +118,29 @@ def test_first_step_matches_loss_from_full_logits(tmp_path, case):
     assert batches and all(shape[1] == 0 for shape in batches)
 
 
+def test_evaluation_without_labels_reports_the_kd_loss(tmp_path):
+    """A label-less eval set: the input_ids are the targets, as in training, so eval_loss is the
+    loss of the same batch with labels = input_ids, and no model computes full logits."""
+    student, teacher = tiny_llama(0), tiny_llama(1, hidden_size=48)
+    rows = token_rows(0, (5, 9, 3, 7))
+    head_output_shapes = []
+    for model in (student, teacher):
+        model.get_output_embeddings().register_forward_hook(
+            lambda module, args, output: head_output_shapes.append(tuple(output.shape)))
+
+    def evaluate(collate):
+        trainer = DistillationTrainer(model=student, teacher_model=teacher,
+                                      args=training_args(tmp_path, per_device_eval_batch_size=4),
+                                      eval_dataset=rows, data_collator=collate, kd_options={"divergence": "jsd"})
+        return trainer.evaluate().get("eval_loss")
+
+    without_labels = evaluate(lambda rows: pad_batch(rows, padding_side="left"))
+    with_labels = evaluate(lambda rows: {**(batch := pad_batch(rows, padding_side="left")),
+                                         "labels": batch["input_ids"].clone()})
+    assert without_labels is not None and without_labels == pytest.approx(with_labels, rel=1e-6)
+    assert all(shape[1] <= 8 for shape in head_output_shapes)  # probes of <= 8 positions, then none
+
+
 def test_bf16_mixed_precision_computes_the_heads_in_bf16(tmp_path, monkeypatch):
     student, teacher = tiny_llama(0), tiny_llama(1, hidden_size=48)
     rows = token_rows(0, (5, 9, 3, 7))

@@ -206,7 +206,9 @@ class DistillationTrainer(Trainer):
     target; without labels the input_ids are the targets); see the module docstring for the
     targets, the normalisation under gradient accumulation and DDP, and how the hidden states
     are taken without computing logits. The outputs this trainer returns from compute_loss
-    (evaluation) hold empty [batch, 0, vocab] logits. torch.nn.DataParallel (several GPUs in one
+    (evaluation) hold empty [batch, 0, vocab] logits; evaluation reports eval_loss for batches
+    without labels too (their input_ids are the targets, and the labels passed to
+    compute_metrics). torch.nn.DataParallel (several GPUs in one
     process) is not supported: launch one process per GPU (torchrun, accelerate).
     """
 
@@ -320,6 +322,16 @@ class DistillationTrainer(Trainer):
         (see causal_lm_targets), which compute_loss divides each micro-batch's sum by."""
         batch_samples = list(itertools.islice(epoch_iterator, num_batches))
         return batch_samples, self._count_targets(batch_samples, device)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """Trainer's step, with the input_ids standing in for absent labels (they are the targets
+        then, as in training): Trainer computes a loss only when the batch holds `labels`, and
+        would otherwise run the student for its full [batch, length, vocab] logits and report no
+        eval_loss."""
+        if inputs.get("labels") is None and inputs.get("input_ids") is not None:
+            inputs = {**inputs, "labels": inputs["input_ids"]}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def compute_loss(
         self,
