@@ -115,7 +115,9 @@ inline SpeculativeParams make_speculative_params(const at::Tensor& draft_tokens,
   p.vocab = vocab;
   p.inputs_are_logits = inputs_are_logits;
   p.greedy = greedy;
-  p.inv_temperature = static_cast<float>(1.0 / temperature);
+  // Greedy: T > 0 moves neither the argmax nor a row's validity, and l * (1/T) in float32 could round
+  // a near-tie into a tie that the smaller id would win.
+  p.inv_temperature = greedy ? 1.f : static_cast<float>(1.0 / temperature);
 
   const auto index_options = draft_tokens.options().dtype(at::kLong);
   outputs.tokens = at::empty({batch, num_drafts + 1}, index_options);

@@ -148,10 +148,30 @@ def no_drafts_case(inputs, seed):
                 num_draft_tokens=torch.tensor([0, 1, -1]))
 
 
+def fused_target_invalid_row_case(inputs, seed):
+    """A fused target (one model of weight 2) with probabilities or logits: read whole, yet the draft
+    row at the stop position still counts where draft probabilities are used as given."""
+    generator = torch.Generator().manual_seed(seed)
+    batch, num_drafts, vocab = 4, 2, 61
+    target = scores(batch, num_drafts + 1, vocab, generator=generator, inputs=inputs)
+    draft = scores(batch, num_drafts, vocab, generator=generator, inputs=inputs)
+    draft_tokens = torch.randint(1, vocab, (batch, num_drafts), generator=generator)
+    num_draft_tokens = torch.tensor([2, 2, 2, 1])
+    excluded = -float("inf") if inputs == "logits" else 0.0
+    draft_tokens[1:3, 0] = 0
+    target[1:3, 0, 0] = excluded  # p(x_0) = 0: rows 1 and 2 certainly stop at position 0 ...
+    draft[1, 0, 7] = float("nan")  # ... where row 1's draft row has a NaN off the drafted id
+    draft[2, 0, 7] = -0.5 if inputs == "probs" else float("inf")  # and row 2's a negative probability / +inf logit
+    draft[3, 1] = float("nan")  # row 3 uses one draft: its second draft row is never read
+    return dict(draft_tokens=draft_tokens, target=target, draft=draft, inputs=inputs,
+                num_draft_tokens=num_draft_tokens, target_weights=torch.tensor([2.0]))
+
+
 def check_invalid_rows_match_reference(backend, device, inputs, mode):
-    """invalid_row_case's and no_drafts_case's verdict per row as the reference's; in greedy mode
-    every output exactly."""
-    for case in (invalid_row_case(inputs, seed=3), no_drafts_case(inputs, seed=4)):
+    """The verdict per row of invalid_row_case, fused_target_invalid_row_case and no_drafts_case as
+    the reference's; in greedy mode every output exactly."""
+    cases = (invalid_row_case(inputs, seed=3), fused_target_invalid_row_case(inputs, seed=5), no_drafts_case(inputs, seed=4))
+    for case in cases:
         seed = torch.arange(len(case["num_draft_tokens"])) * 7919
         expected = speculative_verify(**case, mode=mode, seed=seed, return_accepted=True, backend="reference")
         actual = speculative_verify(**to_device(case, device), mode=mode, seed=seed.to(device), return_accepted=True,

@@ -136,3 +136,14 @@ def test_supports_refuses_what_the_kernel_cannot_take():
     assert "at most" in _compiled_refusal(targets=many, draft=None)
     assert "fp32/bf16/fp16" in _compiled_refusal(targets=(torch.rand(1, 2, 3, dtype=torch.float64),), draft=None)
     assert _compiled_refusal(targets=(torch.rand(1, 2, 3),), draft=None) is None
+
+
+def test_cuda_supports_refuses_a_batch_beyond_its_grid():
+    from collab_ops.ops.speculative import MAX_CUDA_GRID_ROWS, _cuda_refusal
+
+    target = (torch.rand(1, 2, 3),)
+    too_many_rows = torch.zeros(MAX_CUDA_GRID_ROWS + 1, 1, dtype=torch.int64)
+    assert "at most 65535 rows" in _cuda_refusal(draft_tokens=too_many_rows, targets=target, draft=None)
+    too_many_drafts = torch.zeros(1, MAX_CUDA_GRID_ROWS, dtype=torch.int64)
+    assert "65535 positions" in _cuda_refusal(draft_tokens=too_many_drafts, targets=target, draft=None)
+    assert _cuda_refusal(draft_tokens=torch.zeros(MAX_CUDA_GRID_ROWS, 1, dtype=torch.int64), targets=target, draft=None) is None

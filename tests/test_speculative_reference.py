@@ -277,3 +277,37 @@ def test_reference_uses_plain_probabilities_as_given():
     torch.testing.assert_close(reference.target_probs([target], weights, False, 1.0), target.double())
     fused = reference.target_probs([target, target], torch.tensor([0.5, 0.5]), False, 1.0)
     torch.testing.assert_close(fused, (target / target.sum(-1, keepdim=True)).double())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("inputs", ["probs", "logits"])
+def test_unused_draft_rows_are_never_read(backend, inputs):
+    # Ragged rows' draft rows past n may hold anything (NaN from uninitialised padding, −inf
+    # "masked" logits): the same seed must give the same tokens as with ordinary padding.
+    case = random_case(64, 4, 30, seed=36, inputs=inputs)
+    unused = torch.arange(4)[None, :] >= case["num_draft_tokens"][:, None]
+    assert bool(unused.any()) and bool((~unused).any())
+    expected = speculative_verify(**case, seed=9, return_accepted=True, backend=backend)
+    for padding in (float("nan"), float("inf"), -float("inf")):
+        padded = dict(case, draft=torch.where(unused[..., None], padding, case["draft"]))
+        actual = speculative_verify(**padded, seed=9, return_accepted=True, backend=backend)
+        for got, want in zip(actual, expected):
+            assert torch.equal(got, want), f"padding {padding} changed the output"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 0.5]])
+def test_greedy_argmax_ignores_the_temperature(backend, weights):
+    # T > 0 never moves the argmax (of one model, or of a fused target: a per-row constant apart,
+    # it is the argmax of sum w_k l_k), so a near-tie that l * (1/T) rounds to a tie in float32
+    # must still go to the larger logit.
+    temperature = 0.7
+    scale = np.float32(1 / temperature)
+    candidates = np.float32(3.0) + np.float32(2**-22) * np.arange(1000, dtype=np.float32)
+    low = next(x for x in candidates if np.float32(x * scale) == np.float32(np.nextafter(x, np.float32(9)) * scale))
+    high = np.nextafter(low, np.float32(9))
+    target = torch.tensor([[[low, high, 0.0]]], dtype=torch.float32)
+    targets = [target, torch.zeros_like(target)][: len(weights)]
+    tokens, _ = speculative_verify(torch.zeros(1, 0, dtype=torch.int64), targets, inputs="logits", target_weights=weights,
+                                   temperature=temperature, mode="greedy", backend=backend)
+    assert tokens.tolist() == [[1]]

@@ -94,7 +94,8 @@ def speculative_verify(
             bonus from target position n_b. Default: all K. A value outside [0, K] makes the row
             invalid (see below).
         target_weights: T floats, a float tensor [T] or per-row [B, T]. Required when T > 1.
-        temperature: applied to logits (target and draft); must be 1.0 for probabilities.
+        temperature: applied to logits (target and draft); must be 1.0 for probabilities. Greedy
+            mode ignores it: T > 0 moves no argmax (kernels do not scale, so no near-tie rounds to a tie).
         mode: "sample" (lossless rejection sampling: accept draft i with probability
             min(1, p_i/q_i); at the first rejection emit a sample of norm(max(0, p - q)), or of p
             if that is all zero; if all are accepted emit a bonus token from p_{n_b}) or "greedy"
@@ -316,6 +317,21 @@ def _compiled_refusal(*, targets, draft, **_) -> Optional[str]:
     return None
 
 
+# Must agree with the grid limit checked in csrc/cuda/speculative_verify.cu (rows and positions are grid y/z).
+MAX_CUDA_GRID_ROWS = 65535
+
+
+def _cuda_refusal(*, draft_tokens, **case) -> Optional[str]:
+    """Why the CUDA kernels cannot take this call, or None."""
+    reason = _compiled_refusal(**case)
+    if reason is None:
+        batch, num_drafts = draft_tokens.shape
+        if batch > MAX_CUDA_GRID_ROWS or num_drafts + 1 > MAX_CUDA_GRID_ROWS:
+            reason = (f"the CUDA speculative_verify grid takes at most {MAX_CUDA_GRID_ROWS} rows and "
+                      f"{MAX_CUDA_GRID_ROWS} positions, got [{batch}, {num_drafts + 1}]")
+    return reason
+
+
 def _compiled_speculative_verify(*, draft_tokens, targets, target_weights, draft, num_draft_tokens, inputs_are_logits, temperature, greedy, seed):
     return torch.ops.collab_ops.speculative_verify(
         draft_tokens, list(targets), target_weights, draft, num_draft_tokens, inputs_are_logits, temperature, greedy, seed
@@ -333,5 +349,5 @@ if _availability.extension() is not None:
             draft_tokens.new_empty((batch,), dtype=torch.int64),
         )
 
-    for _backend in ("cpu", "cuda"):
-        _dispatch.register("speculative_verify", _backend, _compiled_speculative_verify, supports=_compiled_refusal)
+    _dispatch.register("speculative_verify", "cpu", _compiled_speculative_verify, supports=_compiled_refusal)
+    _dispatch.register("speculative_verify", "cuda", _compiled_speculative_verify, supports=_cuda_refusal)

@@ -218,7 +218,8 @@ def invalid_row_reasons(
     draft_rows_bad = torch.zeros(batch, positions, dtype=torch.bool, device=device)
     if draft_distribution is not None and not draft_read_whole:
         draft_rows_bad[:, :num_drafts] = used_drafts & _bad_entries(draft_distribution).any(-1)
-    stop_rows_bad = ~target_read_whole[:, None] & used_targets & (undefined_targets | draft_rows_bad)
+    # A target row read whole was checked above; the draft row counts wherever probabilities are used as given.
+    stop_rows_bad = used_targets & ((~target_read_whole[:, None] & undefined_targets) | draft_rows_bad)
     if stop is None:
         reasons[STOP_ROW_UNDEFINED] = stop_rows_bad.any(-1)
     else:
@@ -316,7 +317,8 @@ def speculative_verify(
         rejected = num_accepted < drafts_used
         # A zero draft row past the last draft makes the bonus residual p itself.
         q_with_bonus = torch.cat([q, q.new_zeros(batch, 1, vocab_size)], dim=1)
-        stop_draft = q_with_bonus[rows, num_accepted] * rejected[:, None]
+        # where, not a product: an unused draft row may hold NaN padding (NaN * 0 is NaN).
+        stop_draft = torch.where(rejected[:, None], q_with_bonus[rows, num_accepted], 0.0)
         residual = (stop_target - stop_draft).clamp_min(0)
         residual_is_empty = residual.sum(-1) == 0
         final_distribution = torch.where(residual_is_empty[:, None], stop_target, residual)

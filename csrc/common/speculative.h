@@ -77,7 +77,7 @@ struct SpeculativeParams {
   int64_t vocab;
   bool inputs_are_logits;
   bool greedy;
-  float inv_temperature;  // 1 for probabilities
+  float inv_temperature;  // 1 for probabilities and in greedy mode
   int64_t* tokens;        // [batch, num_drafts + 1], contiguous
   int64_t* num_emitted;   // [batch]
   int64_t* num_accepted;  // [batch]
