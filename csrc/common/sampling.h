@@ -34,11 +34,21 @@ COLLAB_HD bool uses_min_p(const SamplingParams& s) { return !s.greedy && s.log_m
 // top_k and top_p need the whole row of scores before anything is drawn: a workspace pass.
 COLLAB_HD bool uses_value_cut(const SamplingParams& s) { return uses_top_k(s) || uses_top_p(s); }
 
+// a * b rounded on its own: nvcc never contracts __fmul_rn with a later add into an FMA, so a
+// scaled value feeds every sum as the CPU kernels compute it.
+COLLAB_HD float rounded_product(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // acc + w * z rounded twice, as the reference computes it: nvcc would otherwise contract it into
 // an FMA and the CPU and CUDA kernels could disagree on a near tie.
 COLLAB_HD float add_product(float acc, float w, float z) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(acc, __fmul_rn(w, z));
+  return __fadd_rn(acc, rounded_product(w, z));
 #else
   return acc + w * z;
 #endif

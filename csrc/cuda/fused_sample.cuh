@@ -114,7 +114,7 @@ __device__ __forceinline__ void load_columns(const ModelRow& m, int64_t col, int
   // Temperature 1 (the usual case) skips the multiplications, which would change no bit.
   if (m.inv_temperature != 1.f) {
 #pragma unroll
-    for (int lane = 0; lane < kColumnsPerThread; ++lane) z[lane] *= m.inv_temperature;
+    for (int lane = 0; lane < kColumnsPerThread; ++lane) z[lane] = rounded_product(z[lane], m.inv_temperature);
   }
 }
 
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kSampleThreads, kSampleBlocksPerSm) sample_chu
         }
         if (scale != 1.f) {  // (x * 1 would change no bit)
 #pragma unroll
-          for (int lane = 0; lane < kColumnsPerThread; ++lane) x[lane] *= scale;
+          for (int lane = 0; lane < kColumnsPerThread; ++lane) x[lane] = rounded_product(x[lane], scale);
         }
         if (kPass == ChunkPass::kStats && scores_row != nullptr) {
 #pragma unroll
