@@ -118,6 +118,23 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_seed(name: str, seed, *, device: torch.device, batch: int) -> None:
+    """A seed `canonical_seed` accepts: None, an int that fits in int64, or an integer scalar or
+    [batch] tensor on `device`. Builds nothing and draws nothing (for calls that ignore the seed)."""
+    if seed is None:
+        return
+    if isinstance(seed, torch.Tensor):
+        check_tensor(name, seed, dtypes=INDEX_DTYPES)
+        if seed.dim() > 1 or (seed.dim() == 1 and seed.shape[0] != batch):
+            raise ValueError(f"{name} must be a scalar or have shape ({batch},), got shape {tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"{name} is on {seed.device} but the inputs are on {device}")
+        return
+    seed = check_int(name, seed)
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {seed}")
+
+
 def canonical_seed(name: str, seed, *, device: torch.device, batch: int) -> torch.Tensor:
     """The int64 seed tensor (shape () or [batch], on `device`) that sampling kernels take.
 
@@ -125,17 +142,10 @@ def canonical_seed(name: str, seed, *, device: torch.device, batch: int) -> torc
     call reproducible; an int becomes a scalar tensor; a tensor seed must already be an integer
     scalar or [batch] tensor on `device` (per-row seeds). Nothing here reads a device value.
     """
+    check_seed(name, seed, device=device, batch=batch)
     if seed is None:
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     if isinstance(seed, torch.Tensor):
-        check_tensor(name, seed, dtypes=INDEX_DTYPES)
-        if seed.dim() > 1 or (seed.dim() == 1 and seed.shape[0] != batch):
-            raise ValueError(f"{name} must be a scalar or have shape ({batch},), got shape {tuple(seed.shape)}")
-        if seed.device != device:
-            raise ValueError(f"{name} is on {seed.device} but the inputs are on {device}")
         return seed.to(torch.int64)
-    seed = check_int(name, seed)
-    if not -(2**63) <= seed < 2**63:
-        raise ValueError(f"{name} must fit in int64, got {seed}")
     # A fill kernel, not a host-to-device copy: no synchronisation, and capturable in a CUDA graph.
     return torch.full((), seed, dtype=torch.int64, device=device)

@@ -134,6 +134,27 @@ def test_bad_sampling_options(case):
         fused_sample(two_models(), [1.0, -1.0], **options)
 
 
+BAD_SEED_CASES = [case for case in SAMPLING_CASES if set(case[0]) == {"seed"}]
+
+
+@pytest.mark.parametrize("case", BAD_SEED_CASES, ids=[str(c[0]) for c in BAD_SEED_CASES])
+def test_bad_seed_is_refused_in_greedy_mode_too(case):
+    # DESIGN.md: checks of scalar options always run; greedy ignores the seed but a bad one is
+    # still bad input (speculative_verify(mode="greedy") refuses it likewise).
+    options, exception, name = case
+    with raises(exception, name):
+        fused_sample(two_models(), [1.0, -1.0], greedy=True, **options)
+
+
+def test_greedy_with_a_good_seed_or_none_leaves_torchs_generator_alone():
+    logits = two_models()
+    expected = fuse_logits(logits, [1.0, -1.0]).argmax(-1)
+    state = torch.random.get_rng_state()
+    for seed in (None, 3, torch.arange(B)):
+        assert torch.equal(fused_sample(logits, [1.0, -1.0], greedy=True, seed=seed), expected)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_good_seed_forms_are_accepted():
     for seed in (0, -5, 2**63 - 1, torch.tensor(3), torch.arange(B), torch.arange(B, dtype=torch.int32)):
         assert fused_sample(two_models(), [1.0, -1.0], seed=seed).shape == (B,)

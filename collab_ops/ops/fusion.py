@@ -31,6 +31,7 @@ from .. import _availability, _dispatch
 from .._validation import (
     FLOAT_DTYPES,
     canonical_seed,
+    check_seed,
     check_bool,
     check_choice,
     check_float32,
@@ -258,7 +259,8 @@ def fused_sample(
     their order: softmax(s / temperature), then top_k (keep scores ≥ the k-th largest; 0 = off),
     top_p (keep the smallest most-probable set with mass ≥ top_p; ties at its edge are kept;
     1 = off), min_p (drop p < min_p · max p; 0 = off); the most probable token always survives.
-    `greedy=True` returns argmax s (first index on ties) and ignores the sampling options and seed.
+    `greedy=True` returns argmax s (first index on ties) and ignores the sampling options and seed
+    (which are still checked).
 
     `seed`: an int, an int64 tensor (scalar, or `[B]` for one seed per row, on the inputs'
     device), or None to draw a fresh seed from torch's default CPU generator, so that
@@ -277,7 +279,11 @@ def fused_sample(
     case["top_p"] = check_in_range("top_p", top_p, 0.0, 1.0, low_open=True)
     case["min_p"] = check_in_range("min_p", min_p, 0.0, 1.0)
     case["greedy"] = check_bool("greedy", greedy)
-    case["seed"] = None if greedy else canonical_seed("seed", seed, device=device, batch=batch)
+    if greedy:  # the seed is unused, but a bad one is still refused (scalar checks always run)
+        check_seed("seed", seed, device=device, batch=batch)
+        case["seed"] = None
+    else:
+        case["seed"] = canonical_seed("seed", seed, device=device, batch=batch)
     strict = check_bool("strict", strict)
     impl = _dispatch.dispatch("fused_sample", device, backend, **case)
     tokens = impl.fn(*case.values())
