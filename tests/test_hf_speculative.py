@@ -301,6 +301,9 @@ def test_bad_input_is_refused_with_the_argument_named(target, close_draft):
     # greedy decoding ignores the temperature, as generate does
     assert torch.equal(speculative_generate(target, close_draft, ids, attention_mask=mask, max_new_tokens=2, temperature=0.0),
                        speculative_generate(target, close_draft, ids, attention_mask=mask, max_new_tokens=2))
+    for bad_seed, error in (("abc", TypeError), (2**63, ValueError), (torch.zeros(2, 2, dtype=torch.int64), ValueError)):
+        with pytest.raises(error, match="seed"):  # refused in greedy mode too, though unused there
+            speculative_generate(target, close_draft, ids, attention_mask=mask, seed=bad_seed)
     with pytest.raises(ValueError, match="vocab_size=80 but target scores only 64"):
         speculative_generate(target, close_draft, ids, vocab_size=80)
     with pytest.raises(TypeError, match="draft must be a model"):

@@ -39,7 +39,7 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import DynamicCache
 
-from .._validation import INDEX_DTYPES, canonical_seed, check_bool, check_int, check_positive, check_tensor
+from .._validation import INDEX_DTYPES, canonical_seed, check_bool, check_int, check_positive, check_seed, check_tensor
 from ..ops.fusion import fused_sample
 from ..ops.speculative import _as_int64, _spread_row_seeds, speculative_verify
 from .processors import _last_positions_kwargs, _model_device, _score_width
@@ -271,7 +271,7 @@ def speculative_generate(
         temperature: T > 0, sampling only (greedy decoding ignores it, as `generate` does).
             With several targets it applies to each model before fusion, as in `fuse_logits`'s
             `temperatures`.
-        seed: sampling only. None (draws from torch's default generator, so `torch.manual_seed`
+        seed: used in sampling only (greedy decoding checks it and draws nothing). None (draws from torch's default generator, so `torch.manual_seed`
             makes a call repeatable), an int (spread over the rows), or an int64 tensor [B] of
             per-row seeds on the models' device. Row b's random numbers come from its row seed and
             the round alone, so the same seed gives the same output (on the same backend).
@@ -317,6 +317,8 @@ def speculative_generate(
     row_seeds = None
     if do_sample:
         row_seeds = _spread_row_seeds(canonical_seed("seed", seed, device=device, batch=batch), batch, device)
+    else:  # ignored, but a malformed seed is refused as in sampling (and as speculative_verify does)
+        check_seed("seed", seed, device=device, batch=batch)
 
     generation_config = getattr(targets[0], "generation_config", None)
     if eos_token_id is None and generation_config is not None:
