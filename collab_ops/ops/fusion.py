@@ -325,7 +325,8 @@ def dynamic_fusion_weights(
     grid: Union[None, Sequence[float], torch.Tensor] = None,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    """Per-row expert weights `[B, T]` (float32) of dynamic logits fusion (Fan et al., NeurIPS 2024).
+    """Per-row expert weights `[B, T]` (float32; float64 for float64 inputs, which only the
+    reference serves, as in `fuse_logits`) of dynamic logits fusion (Fan et al., NeurIPS 2024).
 
     For every row and every expert t, independently of the other experts, picks α_t in `grid`
     (default 0, 0.1, ..., 2.0) minimising
