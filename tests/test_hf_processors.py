@@ -540,3 +540,31 @@ def test_models_on_different_devices_are_refused(models):
     processor = CollaborativeLogitsProcessor([elsewhere], [0.5], attention_mask=mask)
     with pytest.raises(ValueError, match="input_ids are on cpu"):
         processor(ids, torch.randn(2, VOCAB))
+
+
+def test_steps_pass_the_auxiliary_models_a_mask_only_for_padded_prompts(models):
+    # An all-ones mask makes transformers test it for padding (a host synchronisation per model and
+    # step on a GPU); without padding the steps pass none, which attends the same tokens.
+    main, aux, _ = models
+    masks_seen = []
+    forward = aux.forward
+
+    def recording_forward(*args, **kwargs):
+        masks_seen.append(kwargs.get("attention_mask"))
+        return forward(*args, **kwargs)
+
+    aux.forward = recording_forward
+    try:
+        ids, padded_mask, _ = left_padded_prompts()
+        unpadded_mask = torch.ones_like(ids)
+        for mask, expect_masks in ((None, False), (unpadded_mask, False), (padded_mask, True)):
+            masks_seen.clear()
+            greedy_generate(main, CollaborativeLogitsProcessor([aux], [0.5], attention_mask=mask), ids, mask)
+            assert len(masks_seen) == NEW_TOKENS
+            steps = masks_seen[1:]
+            if expect_masks:
+                assert [m.shape[1] for m in steps] == [ids.shape[1] + n for n in range(1, NEW_TOKENS)]
+            else:
+                assert all(m is None for m in steps)
+    finally:
+        aux.forward = forward

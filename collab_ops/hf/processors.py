@@ -90,6 +90,10 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
         self._position_buffer: Optional[torch.Tensor] = None  # [B, n]: positions of new tokens 1..n
         self._prompt_length = 0
         self._length = 0  # columns of _mask_buffer seen by the auxiliary models
+        # Without padding the mask is all ones for good (generate keeps finished rows unmasked), and
+        # the steps pass none: transformers' SDPA mask logic tests a given mask for all ones, a host
+        # synchronisation per auxiliary model and step; with none it builds the same causal attention.
+        self._padded = True
         self._seen_ids: Optional[torch.Tensor] = None  # input_ids of the previous call
 
     def _step_inputs(self, input_ids: torch.LongTensor):
@@ -120,6 +124,7 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
             # n-th one sits n places after the prompt's last position, as mask.sum(-1) - 1 gives.
             self._position_buffer = position_ids[:, -1:] + torch.arange(1, capacity + 1, device=self.device)
             self._prompt_length = self._length = length
+            self._padded = self._prompt_mask is not None and not bool(mask.all())  # once per generate call
             return input_ids, mask, position_ids
         if batch != self._mask_buffer.shape[0]:
             raise ValueError(
@@ -139,7 +144,8 @@ class _AuxiliaryModelsProcessor(LogitsProcessor):
             grown = self._position_buffer + self._position_buffer.shape[1]
             self._position_buffer = torch.cat([self._position_buffer, grown], dim=-1)
         self._length = length
-        return input_ids[:, -1:], self._mask_buffer[:, :length], self._position_buffer[:, new_token - 1 : new_token]
+        mask = self._mask_buffer[:, :length] if self._padded else None
+        return input_ids[:, -1:], mask, self._position_buffer[:, new_token - 1 : new_token]
 
     def _auxiliary_logits(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
         """Each auxiliary model's next-token logits `[B, V_k]` after `input_ids`, in model order."""
@@ -194,7 +200,9 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
     prompt (position ids from the mask's cumulative sum, so left padding is right), later calls
     run only the newest token against the cached prefix, extending the mask by one column, as
     `generate` does for the main model (finished rows keep receiving pad tokens, unmasked, like
-    the main model's). The result is float32 of the main model's width; columns beyond the fused
+    the main model's); a prompt without padding needs no mask at all, and its steps pass none,
+    which spares each auxiliary model transformers' per-step test of the mask for padding (a host
+    synchronisation on a GPU). The result is float32 of the main model's width; columns beyond the fused
     vocabulary are −inf so `generate` never picks them.
 
     Sampling with `num_return_sequences = n` works: `generate` repeats every prompt row n times
