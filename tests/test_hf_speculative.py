@@ -65,6 +65,21 @@ def test_greedy_equals_target_generate_on_left_padded_batch(target, close_draft,
     assert stats.rounds < NEW_TOKENS
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_greedy_equals_target_generate_on_an_unpadded_batch(target, close_draft, batch):
+    # No column is masked until rows accept different numbers of drafts: the models run without a
+    # mask, then (batch 4) with the mask of the holes.
+    ids = torch.randint(1, VOCAB, (batch, 5), generator=torch.Generator().manual_seed(6))
+    expected = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW_TOKENS)
+    for mask in (None, torch.ones_like(ids)):
+        generated, stats = speculative_generate(target, close_draft, ids, attention_mask=mask,
+                                                max_new_tokens=NEW_TOKENS, num_draft_tokens=3, return_stats=True)
+        assert torch.equal(generated, expected)
+        assert (stats.accepted < stats.drafted).any()
+        if batch > 1:
+            assert len(set(stats.accepted.tolist())) > 1
+
+
 def test_draft_equal_to_target_accepts_everything(target):
     ids, mask = prompts_of_different_lengths()
     generated, stats = speculative_generate(

@@ -90,11 +90,14 @@ class _CachedModel:
             )
         self.length = 0
 
-    def logits(self, tokens: torch.Tensor, mask: torch.Tensor, end: int, keep: int) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, mask: Optional[torch.Tensor], end: int, keep: int) -> torch.Tensor:
         """Scores [B, keep, V] at columns end-keep .. end-1, running the model on the columns
-        `length` .. end-1 that its cache lacks."""
-        mask = mask[:, :end]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.length : end]
+        `length` .. end-1 that its cache lacks. `mask` None: no column is masked, so the model's
+        own positions (its cache length onwards) are right and it needs no mask."""
+        position_ids = None
+        if mask is not None:
+            mask = mask[:, :end]
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)[:, self.length : end]
         outputs = self.model(
             input_ids=tokens[:, self.length : end],
             attention_mask=mask,
@@ -347,6 +350,10 @@ def speculative_generate(
     drafted = torch.zeros(batch, dtype=torch.long, device=device)
     accepted = torch.zeros(batch, dtype=torch.long, device=device)
     rounds = 0
+    # While no column is masked (no left padding, every row accepting alike), the models get no
+    # mask: a given one costs the mask's cumulative sum and, for one-token draft steps,
+    # transformers' test of it for padding (a host synchronisation per step on a GPU).
+    masked = not bool(mask.all())
     while True:
         width = tokens.shape[1]
         # A round emits at most n + 1 tokens, so a row with r tokens left drafts at most r - 1.
@@ -356,7 +363,7 @@ def speculative_generate(
         mask = torch.cat([mask, mask.new_ones(rows.numel(), drafts_needed)], dim=1)
         draft_scores = []
         for step in range(drafts_needed + draft_is_a_target):
-            scores = draft_model.logits(tokens, mask, width + step, 1)[:, 0, :shared_vocab]
+            scores = draft_model.logits(tokens, mask if masked else None, width + step, 1)[:, 0, :shared_vocab]
             draft_scores.append(scores)
             if step == drafts_needed:  # the extra step that only scores the last draft
                 break
@@ -370,7 +377,7 @@ def speculative_generate(
         target_scores = [
             torch.stack(draft_scores, dim=1)
             if m is None
-            else m.logits(tokens, mask, width + drafts_needed, drafts_needed + 1)[..., :shared_vocab]
+            else m.logits(tokens, mask if masked else None, width + drafts_needed, drafts_needed + 1)[..., :shared_vocab]
             for m in target_models
         ]
         round_weights = weights[rows] if isinstance(weights, torch.Tensor) and weights.dim() == 2 else weights
@@ -408,7 +415,8 @@ def speculative_generate(
             break
         keep = continuing.nonzero().flatten()
         num_accepted, emitted = num_accepted[keep], emitted[keep]
-        most_accepted = int(num_accepted.max())
+        fewest_accepted, most_accepted = torch.stack(torch.aminmax(num_accepted)).tolist()  # one synchronisation
+        masked |= fewest_accepted < most_accepted
         committed = width + most_accepted  # columns that stay: prompt, earlier rounds, accepted drafts
         holes = positions[:most_accepted] >= num_accepted[:, None]
         correction = emitted.gather(1, num_accepted[:, None])
