@@ -16,7 +16,8 @@
 # full-logits Trainer); "profile" runs bench/profile_gpu.py and, where Nsight Compute can read the
 # counters, ncu on its cases whose names contain one of the '|'-separated NCU_CASES (default
 # "B=128|B=64|grid=21": the B=128 fusion kernels, speculative_verify at B=64, dynamic fusion;
-# "none" skips ncu).
+# "none" skips ncu); "kdsweep" times kd_loss with the Triton row kernel's persistent program counts
+# (bench/kd_triton_targets.py --programs).
 # DEVICE_CHECK_ARCHIVE=FILE.tgz (an absolute path outside OUTDIR) packs OUTDIR into FILE after every
 # step, so that a run cut short still hands everything back in one file (the device tool returns
 # only a few files).
@@ -132,6 +133,9 @@ if wants profile; then
     echo "ncu: not on PATH" | tee -a "$OUT/summary.txt"
   fi
 fi
+
+wants kdsweep && run_step kd_programs 120 "$BENCH_RESERVE_S" python3 bench/kd_triton_targets.py --programs \
+  --out "$OUT/kd_programs.json"
 
 # shellcheck disable=SC2086  # DEVICE_CHECK_TESTS is a list of pytest arguments
 wants tests && run_step tests_gpu 240 "$BENCH_RESERVE_S" python3 -m pytest -q -p no:cacheprovider --durations=10 \

@@ -5,10 +5,12 @@
   must move (read student and teacher, write the gradient) against a device-to-device copy.
 
 Sweeps the fused form's chunk size and the row kernel's block/warps so the defaults in
-collab_ops/triton/distill.py can be set from the numbers. Prints one JSON object per line;
-`--out FILE` also writes them as a JSON list.
+collab_ops/triton/distill.py can be set from the numbers; `--programs` sweeps only the number of
+persistent row programs (ROW_PROGRAMS, None = one per row), which bounds the row pairs in flight
+and so whether the gradient pass's re-read of each row is served by L2. Prints one JSON object per
+line; `--out FILE` also writes them as a JSON list.
 
-    PYTHONPATH=. python bench/kd_triton_targets.py [--quick] [--out results.json]
+    PYTHONPATH=. python bench/kd_triton_targets.py [--quick | --programs] [--out results.json]
 """
 import argparse
 import json
@@ -78,8 +80,10 @@ def bench_kd_rows(results, configs, divergences, n=4096, vocab=128256):
     copy_ms = triton.testing.do_bench(lambda: copy_dst.copy_(copy_src), warmup=5, rep=50)
     copy_gbps = 2 * copy_src.numel() * 2 / copy_ms / 1e6
     needed_bytes = 3 * n * vocab * 2  # read student, read teacher, write the gradient
-    for block, warps in configs:
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for block, warps, programs in configs:
         triton_distill.MAX_BLOCK_V_CUDA, triton_distill.NUM_WARPS_CUDA = block, warps
+        triton_distill.ROW_PROGRAMS = programs
         for divergence in divergences:
             def run():
                 ops.kd_loss(student, teacher, divergence=divergence, beta=0.5, backend="triton").backward()
@@ -88,22 +92,30 @@ def bench_kd_rows(results, configs, divergences, n=4096, vocab=128256):
             ms = triton.testing.do_bench(run, warmup=3, rep=30)
             gbps = needed_bytes / ms / 1e6
             results.append(dict(op="kd_loss", divergence=divergence, n=n, vocab=vocab, block_v=block, num_warps=warps,
-                                ms=round(ms, 3), effective_gbps=round(gbps), copy_gbps=round(copy_gbps),
+                                row_programs=programs or "one per row", sms=sms, ms=round(ms, 3), effective_gbps=round(gbps), copy_gbps=round(copy_gbps),
                                 fraction_of_copy=round(gbps / copy_gbps, 3), target_fraction=0.7))
             print(json.dumps(results[-1]), flush=True)
+    triton_distill.ROW_PROGRAMS = None
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="defaults only, no sweep")
+    parser.add_argument("--programs", action="store_true", help="kd_loss only: sweep the persistent row programs")
     parser.add_argument("--out")
     args = parser.parse_args()
     results = []
-    if args.quick:
-        bench_kd_rows(results, [(4096, 16)], ["forward_kl", "jsd"])
+    default = (triton_distill.MAX_BLOCK_V_CUDA, triton_distill.NUM_WARPS_CUDA)
+    if args.programs:
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        counts = [None] + [sms * share // 6 for share in (6, 5, 4, 3, 2)] + [2 * sms]
+        bench_kd_rows(results, [(*default, programs) for programs in counts], ["forward_kl", "jsd"])
+    elif args.quick:
+        bench_kd_rows(results, [(*default, None)], ["forward_kl", "jsd"])
         bench_fused(results, [None])
     else:
-        bench_kd_rows(results, [(4096, 16), (2048, 8), (4096, 8), (8192, 16)], ["forward_kl", "jsd"])
+        bench_kd_rows(results, [(4096, 16, None), (2048, 8, None), (4096, 8, None), (8192, 16, None)],
+                      ["forward_kl", "jsd"])
         bench_fused(results, [None, 256, 1024])
     if args.out:
         with open(args.out, "w") as f:

@@ -188,6 +188,20 @@ def test_kd_loss_every_divergence_with_masked_tokens_across_blocks(divergence, b
     assert torch.equal(grad[masked], torch.zeros_like(grad[masked]))
 
 
+@pytest.mark.parametrize("divergence, beta", [("forward_kl", 0.5), ("jsd", 0.5)])
+@pytest.mark.parametrize("programs", [1, 4])
+def test_persistent_row_programs_give_the_same_loss_and_gradient(monkeypatch, divergence, beta, programs):
+    """ROW_PROGRAMS caps the programs: each then takes every P-th row (ignored rows included)."""
+    student, teacher = randn(11, 37, seed=95, scale=3.0), randn(11, 37, seed=96, scale=3.0)
+    labels = torch.tensor([1, -100, 4, 30, 7, -100, 20, 0, 13, 2, 36], device=DEVICE)
+    options = dict(divergence=divergence, beta=beta, temperature=1.3, hard_weight=0.4, reduction="sum")
+    expected = kd_loss_and_grad("triton", student, teacher, labels, **options)
+    monkeypatch.setattr(triton_distill, "ROW_PROGRAMS", programs)
+    actual = kd_loss_and_grad("triton", student, teacher, labels, **options)
+    for got, want in zip(actual, expected):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("divergence, beta", DIVERGENCE_CASES)
 def test_kd_loss_large_logits_keep_their_log_probabilities_accurate(divergence, beta):
     """Logits around 40 (an LM head's): the log-normalisers kept as (max, log Σ), within the

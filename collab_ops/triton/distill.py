@@ -44,6 +44,11 @@ CHUNK_ROW_MULTIPLE = 64
 MAX_BLOCK_V_CUDA = 4096
 NUM_WARPS_CUDA = 16
 MAX_BLOCK_V_INTERPRETER = 1024
+# Programs of the row kernel: None launches one per row (the GPU keeps as many in flight as fit);
+# an int P makes at most P persistent programs share the rows, bounding the row pairs in flight
+# (the L2 footprint of the second and third passes' re-reads) at P. bench/kd_triton_targets.py
+# sweeps it on the GPU.
+ROW_PROGRAMS = None
 
 
 def _sparse_teacher_reason(teacher_indices) -> Optional[str]:
@@ -132,7 +137,8 @@ def launch_rows(
     row_scale: Optional[torch.Tensor] = None,
     softcap_teacher: bool = False,
 ) -> None:
-    """One program per row of `student`. Writes the per-row loss into `loss`, the statistics into
+    """The row kernel over the rows of `student` (one program per row, or ROW_PROGRAMS persistent
+    ones). Writes the per-row loss into `loss`, the statistics into
     `stats` (or reads them from it with load_stats), and the gradient into `grad` scaled by
     `row_scale` ([rows], or [1] for every row). `grad` may be `student` itself."""
     rows = student.shape[0]
@@ -143,7 +149,8 @@ def launch_rows(
     unused = student  # a pointer the kernel never dereferences for a disabled feature
     if grad is not None:
         assert row_scale is not None and row_scale.dtype == torch.float32
-    kernels.kd_rows_kernel[(rows,)](
+    programs = rows if ROW_PROGRAMS is None else min(rows, ROW_PROGRAMS)
+    kernels.kd_rows_kernel[(programs,)](
         student, student.stride(0),
         teacher if teacher is not None else unused, teacher.stride(0) if teacher is not None else 0,
         labels if labels is not None else unused,
@@ -152,7 +159,7 @@ def launch_rows(
         grad if grad is not None else unused, grad.stride(0) if grad is not None else 0,
         row_scale if row_scale is not None else unused,
         1 if row_scale is not None and row_scale.numel() > 1 else 0,
-        vocab, grad.shape[1] if grad is not None else vocab,
+        vocab, grad.shape[1] if grad is not None else vocab, rows,
         spec.inv_temperature, spec.beta, spec.soft_scale, spec.hard_weight,
         spec.softcap if spec.softcap is not None else 1.0, spec.ignore_index,
         DIVERGENCE=kernels.DIVERGENCE_CODES[spec.divergence],
@@ -167,6 +174,7 @@ def launch_rows(
         WRITE_LOSS=loss is not None,
         WRITE_GRAD=grad is not None,
         BLOCK_V=block,
+        PERSISTENT=programs < rows,
         num_warps=num_warps,
     )
 

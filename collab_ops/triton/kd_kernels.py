@@ -1,5 +1,6 @@
 """Row kernel of the distillation losses: divergence, hard cross-entropy and the gradient with
-respect to the student's logits, one program per position, fp32 math whatever the input dtype.
+respect to the student's logits, one position at a time per program (one program per position
+unless the launch caps the programs), fp32 math whatever the input dtype.
 
 A program walks its row in blocks of BLOCK_V columns, at most three times:
   1. statistics: per-lane online log-sum-exp of the student at temperature T, of the teacher at T,
@@ -131,7 +132,8 @@ def _mixture_terms(log_p, log_q, p, q, beta, DIVERGENCE: tl.constexpr):
 
 
 @triton.jit
-def kd_rows_kernel(
+def _kd_row(
+    row,
     student_ptr, student_row_stride,
     teacher_ptr, teacher_row_stride,
     labels_ptr,
@@ -154,7 +156,7 @@ def kd_rows_kernel(
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    """One position: passes 1-3 of the module docstring for row `row` (int64)."""
     student_row = student_ptr + row * student_row_stride
     teacher_row = teacher_ptr + row * teacher_row_stride
     lanes = tl.arange(0, BLOCK_V)
@@ -316,6 +318,54 @@ def kd_rows_kernel(
                 grad = grad * (1.0 - (x / softcap) * (x / softcap))
             grad = tl.where(in_vocab, grad, 0.0)
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < grad_width)
+
+
+@triton.jit
+def kd_rows_kernel(
+    student_ptr, student_row_stride,
+    teacher_ptr, teacher_row_stride,
+    labels_ptr,
+    loss_ptr,
+    stats_ptr,
+    grad_ptr, grad_row_stride,
+    row_scale_ptr, row_scale_stride,
+    vocab, grad_width, rows,
+    inv_temperature, beta, soft_scale, hard_weight, softcap, ignore_index,
+    DIVERGENCE: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_SOFT: tl.constexpr,
+    HAS_HARD: tl.constexpr,
+    HARD_SHARES_SOFT_STATS: tl.constexpr,
+    SOFTCAP_STUDENT: tl.constexpr,
+    SOFTCAP_TEACHER: tl.constexpr,
+    LOAD_STATS: tl.constexpr,
+    STORE_STATS: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):
+    if PERSISTENT:
+        # Fewer programs than rows: program p takes rows p, p + P, ..., which bounds the row pairs in
+        # flight (and the L2 footprint of their re-reads) at P.
+        for program_row in range(tl.program_id(0), rows, tl.num_programs(0)):
+            _kd_row(
+                tl.cast(program_row, tl.int64),
+                student_ptr, student_row_stride, teacher_ptr, teacher_row_stride, labels_ptr, loss_ptr, stats_ptr,
+                grad_ptr, grad_row_stride, row_scale_ptr, row_scale_stride, vocab, grad_width,
+                inv_temperature, beta, soft_scale, hard_weight, softcap, ignore_index,
+                DIVERGENCE, HAS_LABELS, HAS_SOFT, HAS_HARD, HARD_SHARES_SOFT_STATS, SOFTCAP_STUDENT, SOFTCAP_TEACHER,
+                LOAD_STATS, STORE_STATS, WRITE_LOSS, WRITE_GRAD, BLOCK_V,
+            )
+    else:  # one program per row, no loop
+        _kd_row(
+            tl.program_id(0).to(tl.int64),
+            student_ptr, student_row_stride, teacher_ptr, teacher_row_stride, labels_ptr, loss_ptr, stats_ptr,
+            grad_ptr, grad_row_stride, row_scale_ptr, row_scale_stride, vocab, grad_width,
+            inv_temperature, beta, soft_scale, hard_weight, softcap, ignore_index,
+            DIVERGENCE, HAS_LABELS, HAS_SOFT, HAS_HARD, HARD_SHARES_SOFT_STATS, SOFTCAP_STUDENT, SOFTCAP_TEACHER,
+            LOAD_STATS, STORE_STATS, WRITE_LOSS, WRITE_GRAD, BLOCK_V,
+        )
 
 
 @triton.jit
