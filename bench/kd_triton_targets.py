@@ -92,7 +92,8 @@ def bench_kd_rows(results, configs, divergences, n=4096, vocab=128256):
             ms = triton.testing.do_bench(run, warmup=3, rep=30)
             gbps = needed_bytes / ms / 1e6
             results.append(dict(op="kd_loss", divergence=divergence, n=n, vocab=vocab, block_v=block, num_warps=warps,
-                                row_programs=programs or "one per row", sms=sms, ms=round(ms, 3), effective_gbps=round(gbps), copy_gbps=round(copy_gbps),
+                                row_programs=programs or "one per row", sms=sms, ms=round(ms, 3),
+                                effective_gbps=round(gbps), copy_gbps=round(copy_gbps),
                                 fraction_of_copy=round(gbps / copy_gbps, 3), target_fraction=0.7))
             print(json.dumps(results[-1]), flush=True)
     triton_distill.ROW_PROGRAMS = None

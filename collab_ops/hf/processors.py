@@ -202,8 +202,8 @@ class CollaborativeLogitsProcessor(_AuxiliaryModelsProcessor):
     `generate` does for the main model (finished rows keep receiving pad tokens, unmasked, like
     the main model's); a prompt without padding needs no mask at all, and its steps pass none,
     which spares each auxiliary model transformers' per-step test of the mask for padding (a host
-    synchronisation on a GPU). The result is float32 of the main model's width; columns beyond the fused
-    vocabulary are −inf so `generate` never picks them.
+    synchronisation on a GPU). The result is float32 of the main model's width; columns beyond
+    the fused vocabulary are −inf so `generate` never picks them.
 
     Sampling with `num_return_sequences = n` works: `generate` repeats every prompt row n times
     (`repeat_interleave`), so pass `attention_mask.repeat_interleave(n, dim=0)` (or no mask when

@@ -274,9 +274,10 @@ def speculative_generate(
         temperature: T > 0, sampling only (greedy decoding ignores it, as `generate` does).
             With several targets it applies to each model before fusion, as in `fuse_logits`'s
             `temperatures`.
-        seed: used in sampling only (greedy decoding checks it and draws nothing). None (draws from torch's default generator, so `torch.manual_seed`
-            makes a call repeatable), an int (spread over the rows), or an int64 tensor [B] of
-            per-row seeds on the models' device. Row b's random numbers come from its row seed and
+        seed: used in sampling only (greedy decoding checks it and draws nothing). None (draws
+            from torch's default generator, so `torch.manual_seed` makes a call repeatable), an
+            int (spread over the rows), or an int64 tensor [B] of per-row seeds on the models'
+            device. Row b's random numbers come from its row seed and
             the round alone, so the same seed gives the same output (on the same backend).
         target_weights: one weight per target model (floats, a tensor [T], or per-row [B, T]);
             required for several targets.
@@ -361,9 +362,10 @@ def speculative_generate(
         drafts_needed = int(row_drafts.max())
         tokens = torch.cat([tokens, tokens.new_zeros(rows.numel(), drafts_needed)], dim=1)
         mask = torch.cat([mask, mask.new_ones(rows.numel(), drafts_needed)], dim=1)
+        round_mask = mask if masked else None
         draft_scores = []
         for step in range(drafts_needed + draft_is_a_target):
-            scores = draft_model.logits(tokens, mask if masked else None, width + step, 1)[:, 0, :shared_vocab]
+            scores = draft_model.logits(tokens, round_mask, width + step, 1)[:, 0, :shared_vocab]
             draft_scores.append(scores)
             if step == drafts_needed:  # the extra step that only scores the last draft
                 break
@@ -377,7 +379,7 @@ def speculative_generate(
         target_scores = [
             torch.stack(draft_scores, dim=1)
             if m is None
-            else m.logits(tokens, mask if masked else None, width + drafts_needed, drafts_needed + 1)[..., :shared_vocab]
+            else m.logits(tokens, round_mask, width + drafts_needed, drafts_needed + 1)[..., :shared_vocab]
             for m in target_models
         ]
         round_weights = weights[rows] if isinstance(weights, torch.Tensor) and weights.dim() == 2 else weights

@@ -111,6 +111,30 @@ def test_kd_loss_bf16_rows_match_float64_reference(divergence):
         assert_close_to_reference(our, true, base, what=what)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_persistent_row_programs_match_one_program_per_row(monkeypatch, divergence):
+    """The programs cap that bench/kd_triton_targets.py --programs sweeps changes no bit."""
+    from collab_ops.triton import distill as triton_distill
+
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    student = (3 * torch.randn(1000, 32000, generator=g, device=DEVICE)).bfloat16()
+    teacher = (3 * torch.randn(1000, 32000, generator=g, device=DEVICE)).bfloat16()
+    labels = torch.randint(0, 32000, (1000,), generator=g, device=DEVICE)
+    labels[::9] = -100
+
+    def loss_and_grad():
+        s = student.detach().clone().requires_grad_(True)
+        loss = ops.kd_loss(s, teacher, labels, divergence=divergence, beta=0.5, temperature=1.5, hard_weight=0.2,
+                           backend="triton")
+        (grad,) = torch.autograd.grad(loss, s)
+        return loss, grad
+
+    expected = loss_and_grad()
+    monkeypatch.setattr(triton_distill, "ROW_PROGRAMS", 97)
+    for got, want in zip(loss_and_grad(), expected):
+        assert torch.equal(got, want)
+
+
 def peak_extra_bytes(step) -> int:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
