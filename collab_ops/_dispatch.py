@@ -84,7 +84,8 @@ def why_not(op: str, backend: str, device: torch.device, case: dict) -> Optional
 
 def dispatch(op: str, device: torch.device, backend: Optional[str] = None, **case) -> Implementation:
     """The implementation of `op` that serves this call, or BackendUnavailableError saying why none can."""
-    device = torch.device(device)
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
     wanted = requested_backend(backend)
     candidates = (wanted,) if wanted is not None else PRIORITY.get(device.type, ("reference",))
     reasons = []

@@ -5,6 +5,7 @@ device. Each error names the argument it is about.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable, Optional, Sequence
 
@@ -79,6 +80,21 @@ def check_float32(name: str, value) -> float:
     if not abs(value) < FLOAT32_OVERFLOW:
         raise ValueError(f"{name} must be finite in float32 (|value| < 3.4e38), got {value}")
     return value
+
+
+def constant_float32_vector(name: str, values: Sequence) -> torch.Tensor:
+    """The [K] CPU float32 tensor of K reals, each checked with check_float32 (named name[k]).
+    A tuple or list of Python floats and ints is built once per distinct list (a decoding loop
+    passes the same weights every step); callers and kernels never write the result."""
+    values = tuple(values)
+    if all(type(v) is float or type(v) is int for v in values):
+        return _cached_float32_vector(name, values)
+    return _cached_float32_vector.__wrapped__(name, values)  # bool, numpy scalars, ...: checked, not cached
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_float32_vector(name: str, values: tuple) -> torch.Tensor:
+    return torch.tensor([check_float32(f"{name}[{k}]", v) for k, v in enumerate(values)], dtype=torch.float32)
 
 
 def check_positive(name: str, value) -> float:

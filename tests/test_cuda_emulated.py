@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from collab_ops import _dispatch
-from collab_ops.ops.fusion import fused_sample
+from collab_ops.ops.fusion import dynamic_fusion_weights, fused_sample
 from collab_ops.ops.speculative import speculative_verify
 
 import fused_sample_checks as sample_checks
@@ -82,6 +82,36 @@ DYNAMIC_CASES = list(dynamic_fusion_cases())
 @pytest.mark.parametrize("index", range(len(DYNAMIC_CASES)))
 def test_dynamic_fusion_weights_match_the_reference(emulated, index):
     check_dynamic_fusion_case("cpu", "cpu", DYNAMIC_CASES[index], seed=4000 + index)
+
+
+def test_launch_plans_follow_the_device_they_run_on(emulator, monkeypatch):
+    # The launchers query SM counts and occupancy once per device (csrc/cuda/device_facts.h): a
+    # device of another shape must get its own plan, and the first device its old one back.
+    monkeypatch.setitem(_dispatch._REGISTRY["dynamic_fusion_weights"], "cpu", _dispatch.Implementation(
+        "dynamic_fusion_weights", "cpu", emulator.dynamic_fusion_weights, None))
+    monkeypatch.setitem(_dispatch._REGISTRY["speculative_verify"], "cpu", _dispatch.Implementation(
+        "speculative_verify", "cpu", emulator.speculative_verify, None))
+    generator = torch.Generator().manual_seed(11)
+    large, expert, base = (torch.randn(2, 9000, generator=generator) for _ in range(3))
+    target = torch.randn(2, 3, 9000, generator=generator).softmax(-1)
+    draft_tokens = torch.randint(0, 9000, (2, 2), generator=generator)
+
+    def blocks_per_call():
+        counts = []
+        for call in (lambda: dynamic_fusion_weights(large, [expert], base, backend="cpu"),
+                     lambda: speculative_verify(draft_tokens, target, inputs="probs", seed=1, backend="cpu")):
+            before = emulator.blocks_launched()
+            call()
+            counts.append(emulator.blocks_launched() - before)
+        return counts
+
+    emulator.set_device(*SMALL_DEVICE)
+    small = blocks_per_call()
+    emulator.set_device(*SPLIT_DEVICE)
+    split = blocks_per_call()
+    emulator.set_device(*SMALL_DEVICE)
+    assert all(s < b for s, b in zip(small, split)), (small, split)
+    assert blocks_per_call() == small
 
 
 # --- fused_sample ----------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 explains why a requested backend cannot run."""
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -250,3 +251,16 @@ def test_presets_are_valid_fusion_options(preset, models):
     assert set(preset) == {"weights", "temperatures", "normalize", "plausibility_alpha", "plausibility_ref"}
     assert fuse_logits(logits, **preset).shape == (B, V)
     assert fused_sample(logits, **preset, seed=0).shape == (B,)
+
+
+def test_constant_weight_lists_are_built_once_and_still_checked():
+    from collab_ops._validation import constant_float32_vector
+
+    built = constant_float32_vector("weights", [1.0, -1])
+    assert built is constant_float32_vector("weights", (1.0, -1)), "a decoding loop's list is reused"
+    assert built.dtype == torch.float32 and built.tolist() == [1.0, -1.0]
+    other = constant_float32_vector("weights", [np.float64(0.5)])  # not a Python float: built each time
+    assert other.tolist() == [0.5] and other is not constant_float32_vector("weights", [np.float64(0.5)])
+    for _ in range(2):  # a refusal is not cached away
+        with raises(ValueError, "target_weights[1]"):
+            constant_float32_vector("target_weights", [1.0, 1e39])

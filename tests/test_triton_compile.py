@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+from collab_ops.triton.distill import MAX_BLOCK_V_CUDA, NUM_WARPS_CUDA  # noqa: E402
 from collab_ops.triton.kd_kernels import DIVERGENCE_CODES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ FUSION_SCALARS = dict(STRIDES="*i64", INV_T="*fp32", W="*fp32", w_row_stride="i6
                       inv_temperature="fp32", log_min_p="fp32")
 KD_SCALARS = dict(student_ptr="*bf16", student_row_stride="i64", teacher_ptr="*bf16", teacher_row_stride="i64",
                   labels_ptr="*i64", loss_ptr="*fp32", stats_ptr="*fp32", grad_ptr="*bf16", grad_row_stride="i64",
-                  row_scale_ptr="*fp32", row_scale_stride="i64", vocab="i32", grad_width="i32",
+                  row_scale_ptr="*fp32", row_scale_stride="i64", vocab="i32", grad_width="i32", rows="i32",
                   inv_temperature="fp32", beta="fp32", soft_scale="fp32", hard_weight="fp32", softcap="fp32",
                   ignore_index="i64")
 
@@ -99,7 +100,7 @@ FUSION_CASES = [
 
 KD_FLAGS = dict(HAS_LABELS=True, HAS_SOFT=True, HAS_HARD=False, HARD_SHARES_SOFT_STATS=False, SOFTCAP_STUDENT=False,
                 SOFTCAP_TEACHER=False, LOAD_STATS=False, STORE_STATS=True, WRITE_LOSS=True, WRITE_GRAD=True,
-                BLOCK_V=4096)
+                BLOCK_V=MAX_BLOCK_V_CUDA, PERSISTENT=False)
 
 
 def all_cases() -> dict:
@@ -111,7 +112,10 @@ def all_cases() -> dict:
     for divergence, code in DIVERGENCE_CODES.items():
         constexprs = dict(KD_FLAGS, DIVERGENCE=code, HAS_HARD=divergence == "forward_kl",
                           SOFTCAP_STUDENT=divergence == "jsd")
-        cases[f"kd-{divergence}"] = ("collab_ops.triton.kd_kernels", "kd_rows_kernel", KD_SCALARS, constexprs, 8)
+        cases[f"kd-{divergence}"] = ("collab_ops.triton.kd_kernels", "kd_rows_kernel", KD_SCALARS, constexprs,
+                                     NUM_WARPS_CUDA)  # the launch configuration of rows of 4096+ columns
+    cases["kd-jsd-persistent"] = ("collab_ops.triton.kd_kernels", "kd_rows_kernel", KD_SCALARS,
+                                  dict(KD_FLAGS, DIVERGENCE=DIVERGENCE_CODES["jsd"], PERSISTENT=True), NUM_WARPS_CUDA)
     cases["kd-scale-rows"] = ("collab_ops.triton.kd_kernels", "scale_rows_kernel",
                               dict(grad_ptr="*bf16", grad_row_stride="i64", width="i32", scale_ptr="*fp32",
                                    scale_stride="i64"), dict(BLOCK_V=4096), 16)

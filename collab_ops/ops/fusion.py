@@ -22,7 +22,6 @@ refuse, say, more than 8 models; the reference accepts any K.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -31,16 +30,17 @@ from .. import _availability, _dispatch
 from .._validation import (
     FLOAT_DTYPES,
     canonical_seed,
-    check_seed,
     check_bool,
     check_choice,
-    check_float32,
     check_dim_size,
+    check_float32,
     check_in_range,
     check_int,
     check_positive,
     check_same_device,
+    check_seed,
     check_tensor,
+    constant_float32_vector,
 )
 from ..reference import fusion as reference
 
@@ -100,16 +100,7 @@ def _canonical_weights(weights: Weights, num_models: int, batch: int, device: to
         raise TypeError(f"weights must be a list of K floats or a [B, K] tensor, got {type(weights).__name__}")
     if len(weights) != num_models:
         raise ValueError(f"weights has {len(weights)} entries but logits has K={num_models} models")
-    if all(type(w) is float or type(w) is int for w in weights):
-        return _constant_weights(tuple(weights))
-    return _constant_weights.__wrapped__(tuple(weights))  # bool, numpy scalars, ...: checked, not cached
-
-
-@functools.lru_cache(maxsize=256)
-def _constant_weights(weights: tuple) -> torch.Tensor:
-    """The [K] CPU float32 tensor of constant weights, built once per distinct list: a decoding
-    loop passes the same list every step. Kernels and references never write it."""
-    return torch.tensor([check_float32(f"weights[{k}]", w) for k, w in enumerate(weights)], dtype=torch.float32)
+    return constant_float32_vector("weights", weights)
 
 
 def _canonical_temperatures(temperatures, num_models: int) -> list[float]:

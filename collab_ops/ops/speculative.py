@@ -38,6 +38,7 @@ device. An implementation must not synchronise with the host and must not modify
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -51,9 +52,9 @@ from .._validation import (
     check_dim_size,
     check_float_tensor,
     check_positive,
-    check_float32,
     check_same_device,
     check_tensor,
+    constant_float32_vector,
 )
 from ..reference import speculative as reference
 
@@ -154,16 +155,11 @@ def speculative_verify(
 
     float_dtype = _common_float_dtype([tensor for _, tensor in named_targets] + ([draft] if draft is not None else []))
     case = dict(
-        draft_tokens=draft_tokens.to(torch.int64).contiguous(),
+        draft_tokens=_contiguous_int64(draft_tokens),
         targets=tuple(_canonical_scores(tensor, float_dtype) for _, tensor in named_targets),
         target_weights=weights,
         draft=None if draft is None else _canonical_scores(draft, float_dtype),
-        # A CPU scalar for "all K": the kernels read it on the host, no device tensor is built.
-        num_draft_tokens=(
-            torch.tensor(num_drafts, dtype=torch.int64)
-            if num_draft_tokens is None
-            else num_draft_tokens.to(torch.int64).contiguous()
-        ),
+        num_draft_tokens=_all_drafts(num_drafts) if num_draft_tokens is None else _contiguous_int64(num_draft_tokens),
         inputs_are_logits=inputs_are_logits,
         temperature=temperature,
         greedy=greedy,
@@ -239,8 +235,7 @@ def _canonical_weights(target_weights, num_targets: int, batch: int, device: tor
         raise TypeError(f"target_weights must be a sequence of floats or a tensor, got {type(target_weights).__name__}")
     if len(target_weights) != num_targets:
         raise ValueError(f"target_weights has {len(target_weights)} weights but there are {num_targets} targets")
-    values = [check_float32(f"target_weights[{index}]", weight) for index, weight in enumerate(target_weights)]
-    return torch.tensor(values, dtype=torch.float32)
+    return constant_float32_vector("target_weights", target_weights)
 
 
 def _common_float_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
@@ -252,8 +247,22 @@ def _common_float_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
 
 def _canonical_scores(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Same values in the shared dtype with a unit vocabulary stride; copies only when needed."""
-    tensor = tensor.to(dtype)
+    if tensor.dtype != dtype:  # (tested first: even a no-op .to costs a dispatch per call)
+        tensor = tensor.to(dtype)
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _contiguous_int64(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dtype != torch.int64:
+        tensor = tensor.to(torch.int64)
+    return tensor if tensor.is_contiguous() else tensor.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _all_drafts(num_drafts: int) -> torch.Tensor:
+    """num_draft_tokens for "every row uses all K drafts": a CPU scalar the kernels read on the
+    host (no device tensor is built), made once per K; nothing writes it."""
+    return torch.tensor(num_drafts, dtype=torch.int64)
 
 
 def _row_seeds(seed, device: torch.device, greedy: bool) -> torch.Tensor:
@@ -266,7 +275,7 @@ def _row_seeds(seed, device: torch.device, greedy: bool) -> torch.Tensor:
         return torch.randint(torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max, (), dtype=torch.int64, device=device)
     if isinstance(seed, int):
         return torch.tensor(_as_int64(seed), dtype=torch.int64)
-    return seed.to(torch.int64).contiguous()
+    return _contiguous_int64(seed)
 
 
 def _spread_row_seeds(seed: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:

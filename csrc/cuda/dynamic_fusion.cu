@@ -1,5 +1,6 @@
 #include <algorithm>
 
+#include "cuda/device_facts.h"
 #include "cuda/dynamic_fusion.cuh"
 #include "cuda/launchers.h"
 
@@ -24,11 +25,12 @@ struct DynamicFusionPlan {
 // of tiles balances the SMs, where one block per tile left a partial last wave and merged every
 // tile's states separately. A batch with more tasks than slots gets one block per task.
 DynamicFusionPlan plan(const DynamicFusionParams& params) {
-  int device = 0, sms = 1, blocks_per_sm = 1;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, dynamic_fusion_kernel, kDynamicThreads, 0);
-  const int64_t resident = int64_t{std::max(sms, 1)} * std::max(blocks_per_sm, 1);
+  const int64_t resident = facts_of_current_device<int64_t>([](int device) {
+    int sms = 1, blocks_per_sm = 1;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, dynamic_fusion_kernel, kDynamicThreads, 0);
+    return int64_t{std::max(sms, 1)} * std::max(blocks_per_sm, 1);
+  });
   const int64_t tasks = dynamic_fusion_tasks(params);
   DynamicFusionPlan plan{};
   plan.tiles = std::max<int64_t>(1, (params.vocab + kDynamicTile - 1) / kDynamicTile);

@@ -1,3 +1,4 @@
+#include "cuda/device_facts.h"
 #include "cuda/launchers.h"
 #include "cuda/speculative_verify.cuh"
 
@@ -45,16 +46,23 @@ struct SpeculativePlan {
   }
 };
 
+// Resident blocks of each kernel on the whole device.
+struct ResidentSlots {
+  int64_t normaliser, verify;
+};
+
 SpeculativePlan plan(const SpeculativeParams& p) {
-  int device = 0, sms = 1, normaliser_per_sm = 1, verify_per_sm = 1;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&normaliser_per_sm, normaliser_kernel<kSpeculativeThreads>,
-                                                kSpeculativeThreads, 0);
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&verify_per_sm, verify_kernel<kSpeculativeThreads>,
-                                                kSpeculativeThreads, 0);
-  const int64_t normaliser_slots = int64_t{sms} * (normaliser_per_sm > 0 ? normaliser_per_sm : 1);
-  const int64_t verify_slots = int64_t{sms} * (verify_per_sm > 0 ? verify_per_sm : 1);
+  const ResidentSlots slots = facts_of_current_device<ResidentSlots>([](int device) {
+    int sms = 1, normaliser_per_sm = 1, verify_per_sm = 1;
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&normaliser_per_sm, normaliser_kernel<kSpeculativeThreads>,
+                                                  kSpeculativeThreads, 0);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&verify_per_sm, verify_kernel<kSpeculativeThreads>,
+                                                  kSpeculativeThreads, 0);
+    return ResidentSlots{int64_t{sms} * (normaliser_per_sm > 0 ? normaliser_per_sm : 1),
+                         int64_t{sms} * (verify_per_sm > 0 ? verify_per_sm : 1)};
+  });
+  const int64_t normaliser_slots = slots.normaliser, verify_slots = slots.verify;
   const size_t rows = static_cast<size_t>(p.batch), positions = static_cast<size_t>(p.num_drafts + 1);
   SpeculativePlan plan{};
   // Sample mode with one plain probability target reads no row whole: no normaliser launch.

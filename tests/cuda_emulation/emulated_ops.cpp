@@ -84,6 +84,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              pybind11::arg("num_draft_tokens"), pybind11::arg("inputs_are_logits"), pybind11::arg("temperature"),
              pybind11::arg("greedy"), pybind11::arg("seed"));
   module.def("dynamic_fusion_weights", &collab_ops::dynamic_fusion_weights);
+  module.def("blocks_launched", []() { return collab_emu::blocks_launched; });
   module.def("set_device", [](int sm_count, int blocks_per_sm) {
     collab_emu::device.sm_count = sm_count;
     collab_emu::device.blocks_per_sm = blocks_per_sm;

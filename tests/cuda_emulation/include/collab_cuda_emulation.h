@@ -97,6 +97,8 @@ struct Device {
   int blocks_per_sm = 2;
 };
 inline Device device;
+// Blocks run by every launch so far: how tests see the grid a launcher planned.
+inline uint64_t blocks_launched = 0;
 
 class Block {
  public:
@@ -224,6 +226,7 @@ auto launch(void (*kernel)(Params...), dim3 grid, dim3 threads, size_t = 0, void
   return [=](auto&&... args) {
     gridDim = grid;
     blockDim = threads;
+    blocks_launched += uint64_t{grid.x} * grid.y * grid.z;
     const std::function<void()> body = [&]() { kernel(args...); };
     for (unsigned z = 0; z < grid.z; ++z) {
       for (unsigned y = 0; y < grid.y; ++y) {

@@ -13,8 +13,10 @@ inline const char* cudaGetErrorString(cudaError_t error) {
   return error == cudaSuccess ? "no error" : "invalid configuration argument";
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+// Each emulated configuration is a device of its own: launchers cache what they query per device
+// (csrc/cuda/device_facts.h), and a test that reshapes the emulated GPU must not get stale facts.
 inline cudaError_t cudaGetDevice(int* device) {
-  *device = 0;
+  *device = collab_emu::device.sm_count * 4096 + collab_emu::device.blocks_per_sm;
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
