@@ -162,6 +162,6 @@ def canonical_seed(name: str, seed, *, device: torch.device, batch: int) -> torc
     if seed is None:
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
     if isinstance(seed, torch.Tensor):
-        return seed.to(torch.int64)
+        return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
     # A fill kernel, not a host-to-device copy: no synchronisation, and capturable in a CUDA graph.
     return torch.full((), seed, dtype=torch.int64, device=device)
