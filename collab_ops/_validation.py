@@ -82,6 +82,32 @@ def check_float32(name: str, value) -> float:
     return value
 
 
+def host_constant_cache(maxsize: int):
+    """functools.lru_cache for builders of small constant CPU tensors that kernels only read (a
+    decoding loop asks for the same ones every step). Builders pass device="cpu", so a default-device
+    context (`with torch.device(...)`, `torch.set_default_device`) cannot place a cached tensor. A
+    cached tensor is built outside inference mode, so autograd may later save it; while torch.compile
+    traces or a torch dispatch mode is active (FakeTensorMode, non-strict torch.export, make_fx) the
+    builder runs each call and nothing is cached: a fake or traced tensor must not outlive its mode."""
+
+    def decorate(build):
+        @functools.lru_cache(maxsize=maxsize)
+        def cached(*args):
+            with torch.inference_mode(False):
+                return build(*args)
+
+        @functools.wraps(build)
+        def get(*args):
+            if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+                return build(*args)
+            return cached(*args)
+
+        get.cache_info, get.cache_clear = cached.cache_info, cached.cache_clear
+        return get
+
+    return decorate
+
+
 def constant_float32_vector(name: str, values: Sequence) -> torch.Tensor:
     """The [K] CPU float32 tensor of K reals, each checked with check_float32 (named name[k]).
     A tuple or list of Python floats and ints is built once per distinct list (a decoding loop
@@ -92,9 +118,10 @@ def constant_float32_vector(name: str, values: Sequence) -> torch.Tensor:
     return _cached_float32_vector.__wrapped__(name, values)  # bool, numpy scalars, ...: checked, not cached
 
 
-@functools.lru_cache(maxsize=256)
+@host_constant_cache(maxsize=256)
 def _cached_float32_vector(name: str, values: tuple) -> torch.Tensor:
-    return torch.tensor([check_float32(f"{name}[{k}]", v) for k, v in enumerate(values)], dtype=torch.float32)
+    checked = [check_float32(f"{name}[{k}]", v) for k, v in enumerate(values)]
+    return torch.tensor(checked, dtype=torch.float32, device="cpu")
 
 
 def check_positive(name: str, value) -> float:

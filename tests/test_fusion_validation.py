@@ -264,3 +264,24 @@ def test_constant_weight_lists_are_built_once_and_still_checked():
     for _ in range(2):  # a refusal is not cached away
         with raises(ValueError, "target_weights[1]"):
             constant_float32_vector("target_weights", [1.0, 1e39])
+
+
+def test_constant_weight_lists_are_plain_cpu_tensors_wherever_first_built():
+    # A cached tensor outlives the call that built it: a default-device context must not place it,
+    # a fake mode (non-strict torch.export) must not make it fake, inference mode must not make it an
+    # inference tensor that a later autograd pass cannot save. The values are used nowhere else.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from collab_ops._validation import constant_float32_vector
+
+    with torch.device("meta"):
+        assert constant_float32_vector("weights", [0.8125, -0.1875]).device == torch.device("cpu")
+    with FakeTensorMode():
+        constant_float32_vector("weights", [0.8125, 0.1875])
+    assert not isinstance(constant_float32_vector("weights", [0.8125, 0.1875]), FakeTensor)
+    logits = two_models()
+    with torch.inference_mode():
+        fuse_logits(logits, [0.6875, 0.3125], backend="reference")
+    student = logits[0].clone().requires_grad_()
+    fuse_logits([student, logits[1]], [0.6875, 0.3125], backend="reference").sum().backward()
+    assert student.grad is not None

@@ -311,3 +311,17 @@ def test_greedy_argmax_ignores_the_temperature(backend, weights):
     tokens, _ = speculative_verify(torch.zeros(1, 0, dtype=torch.int64), targets, inputs="logits", target_weights=weights,
                                    temperature=temperature, mode="greedy", backend=backend)
     assert tokens.tolist() == [[1]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 0.5]])
+def test_greedy_ignores_even_an_extreme_temperature(backend, weights):
+    # Greedy mode ignores T, the oracle too: dividing by T = 1e20 in float64 would squeeze the
+    # logits 0, 1, 0.5 into a tie that softmax rounds to uniform, and argmax would pick id 0.
+    target = torch.tensor([[[0.0, 1.0, 0.5], [2.0, 0.0, 1.0]]])
+    targets = [target, target][: len(weights)]
+    drafts = torch.tensor([[1]])
+    for temperature in (1.0, 1e20):
+        tokens, emitted = speculative_verify(drafts, targets, inputs="logits", target_weights=weights,
+                                             temperature=temperature, mode="greedy", backend=backend)
+        assert tokens.tolist() == [[1, 0]] and emitted.tolist() == [2], temperature

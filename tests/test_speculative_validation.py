@@ -119,6 +119,26 @@ def test_inputs_are_not_modified(backend):
             assert torch.equal(old, new), f"{name} was modified"
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="needs the compiled extension (its fake kernel)")
+def test_a_call_under_a_fake_mode_leaves_later_calls_alone():
+    # The wrapper reuses constant CPU tensors (the all-K count, Python target weights) across calls;
+    # none built while a fake mode runs the wrapper (non-strict torch.export does) may be reused
+    # outside it. K = 11 and these weights are used nowhere else, so they are first built below.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    generator = torch.Generator().manual_seed(31)
+    draft_tokens = torch.randint(0, VOCAB, (2, 11), generator=generator)
+    target = [torch.randn(2, 12, VOCAB, generator=generator) for _ in range(2)]
+    options = dict(inputs="logits", mode="greedy", return_accepted=True, backend="cpu")
+    expected = speculative_verify(draft_tokens, target, target_weights=torch.tensor([1.0, 0.375]),
+                                  num_draft_tokens=torch.full((2,), 11), **options)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        speculative_verify(mode.from_tensor(draft_tokens), [mode.from_tensor(t) for t in target],
+                           target_weights=[1.0, 0.375], **options)
+    actual = speculative_verify(draft_tokens, target, target_weights=[1.0, 0.375], **options)
+    assert all(type(got) is torch.Tensor and torch.equal(got, want) for got, want in zip(actual, expected))
+
+
 def bad_value_cases():
     """(description, argument changes, invalid rows) with one or two bad rows each.
 

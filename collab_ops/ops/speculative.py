@@ -38,7 +38,6 @@ device. An implementation must not synchronise with the host and must not modify
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -55,6 +54,7 @@ from .._validation import (
     check_same_device,
     check_tensor,
     constant_float32_vector,
+    host_constant_cache,
 )
 from ..reference import speculative as reference
 
@@ -258,11 +258,11 @@ def _contiguous_int64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.is_contiguous() else tensor.contiguous()
 
 
-@functools.lru_cache(maxsize=64)
+@host_constant_cache(maxsize=64)
 def _all_drafts(num_drafts: int) -> torch.Tensor:
     """num_draft_tokens for "every row uses all K drafts": a CPU scalar the kernels read on the
     host (no device tensor is built), made once per K; nothing writes it."""
-    return torch.tensor(num_drafts, dtype=torch.int64)
+    return torch.tensor(num_drafts, dtype=torch.int64, device="cpu")
 
 
 def _row_seeds(seed, device: torch.device, greedy: bool) -> torch.Tensor:
