@@ -83,9 +83,10 @@ def check_float32(name: str, value) -> float:
 
 
 def host_constant_cache(maxsize: int):
-    """functools.lru_cache for builders of small constant CPU tensors that kernels only read (a
-    decoding loop asks for the same ones every step). Builders pass device="cpu", so a default-device
-    context (`with torch.device(...)`, `torch.set_default_device`) cannot place a cached tensor. A
+    """functools.lru_cache for builders of small constant tensors that kernels only read (a
+    decoding loop asks for the same ones every step). Builders name their device (device="cpu", or
+    the one they are given), so a default-device context (`with torch.device(...)`,
+    `torch.set_default_device`) cannot place a cached tensor. A
     cached tensor is built outside inference mode, so autograd may later save it; while torch.compile
     traces or a torch dispatch mode is active (FakeTensorMode, non-strict torch.export, make_fx) the
     builder runs each call and nothing is cached: a fake or traced tensor must not outlive its mode."""

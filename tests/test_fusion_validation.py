@@ -285,3 +285,23 @@ def test_constant_weight_lists_are_plain_cpu_tensors_wherever_first_built():
     student = logits[0].clone().requires_grad_()
     fuse_logits([student, logits[1]], [0.6875, 0.3125], backend="reference").sum().backward()
     assert student.grad is not None
+
+
+def test_the_default_grid_is_real_wherever_first_built():
+    # dynamic_fusion_weights(grid=None) caches its default grid per device: a fake mode or a
+    # default-device context around the first call must not leak into the next ones.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from collab_ops.ops.fusion import _default_grid
+
+    _default_grid.cache_clear()
+    with FakeTensorMode():
+        assert isinstance(_default_grid(torch.device("cpu")), FakeTensor)
+    with torch.device("meta"):
+        built = _default_grid(torch.device("cpu"))
+    assert not isinstance(built, FakeTensor) and built.device == torch.device("cpu")
+    assert built is _default_grid(torch.device("cpu"))
+    torch.testing.assert_close(built, torch.arange(21, dtype=torch.float64).mul(0.1).float())
+    large, expert, base = (torch.randn(2, 9, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    assert torch.equal(dynamic_fusion_weights(large, [expert], base),
+                       dynamic_fusion_weights(large, [expert], base, grid=built.tolist()))

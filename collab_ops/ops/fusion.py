@@ -22,7 +22,6 @@ refuse, say, more than 8 models; the reference accepts any K.
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence, Union
 
 import torch
@@ -42,6 +41,7 @@ from .._validation import (
     check_seed,
     check_tensor,
     constant_float32_vector,
+    host_constant_cache,
 )
 from ..reference import fusion as reference
 
@@ -290,7 +290,7 @@ def fused_sample(
     return tokens
 
 
-@functools.lru_cache(maxsize=16)
+@host_constant_cache(maxsize=16)
 def _default_grid(device: torch.device) -> torch.Tensor:
     """0, 0.1, ..., 2.0 in float32 on `device`, built once per device (three kernels otherwise, every
     decoding step); nothing writes it."""

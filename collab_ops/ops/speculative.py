@@ -270,7 +270,7 @@ def _row_seeds(seed, device: torch.device, greedy: bool) -> torch.Tensor:
     over the rows. Python ints and greedy calls become CPU scalars, read on the host by the
     kernels: no device kernel runs for them."""
     if greedy:
-        return _UNREAD_SEED
+        return _unread_seed()
     if seed is None:
         return torch.randint(torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max, (), dtype=torch.int64, device=device)
     if isinstance(seed, int):
@@ -287,8 +287,10 @@ def _spread_row_seeds(seed: torch.Tensor, batch: int, device: torch.device) -> t
     return seed.to(device=device, dtype=torch.int64) + torch.arange(batch, dtype=torch.int64, device=device) * stride
 
 
-# Greedy mode reads no seed; one shared CPU scalar stands in for it (never written).
-_UNREAD_SEED = torch.zeros((), dtype=torch.int64)
+@host_constant_cache(maxsize=1)
+def _unread_seed() -> torch.Tensor:
+    """What greedy mode passes as its seed, which nothing reads: one shared CPU scalar."""
+    return torch.zeros((), dtype=torch.int64, device="cpu")
 
 
 def _as_int64(value: int) -> int:

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from .._validation import host_constant_cache
+
 MAX_MODELS = 8  # the kernels' pointer arguments P0..P7
 # One seed for the batch is spread over rows as speculative_verify spreads it
 # (collab_ops.reference.speculative.ROW_SEED_STRIDE), as a signed 64-bit integer.
@@ -76,15 +78,17 @@ def _chunk_layout(batch: int, vocab: int, block: int, device: torch.device) -> t
     return max(1, -(-vocab // chunk_columns)), chunk_columns
 
 
-@functools.lru_cache(maxsize=64)
+@host_constant_cache(maxsize=64)
 def _device_constants(device: torch.device, strides: tuple, inv_temperatures: tuple, weights: Optional[tuple]):
     """The small per-call tables on the device, built once per distinct layout and options: a
     decoding loop repeats them every step, and a fresh host-to-device copy would synchronise (and
     could not be captured in a CUDA graph). The kernels only read them."""
-    strides_table = torch.tensor(strides, dtype=torch.int64).to(device)
-    temperatures_table = torch.tensor(inv_temperatures, dtype=torch.float32).to(device)
-    weights_table = None if weights is None else torch.tensor(weights, dtype=torch.float32).to(device)
-    return strides_table, temperatures_table, weights_table
+
+    def table(values, dtype):
+        return torch.tensor(values, dtype=dtype, device="cpu").to(device)
+
+    weights_table = None if weights is None else table(weights, torch.float32)
+    return table(strides, torch.int64), table(inv_temperatures, torch.float32), weights_table
 
 
 class _Launch:
