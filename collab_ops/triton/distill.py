@@ -149,7 +149,7 @@ def launch_rows(
     unused = student  # a pointer the kernel never dereferences for a disabled feature
     if grad is not None:
         assert row_scale is not None and row_scale.dtype == torch.float32
-    programs = rows if ROW_PROGRAMS is None else min(rows, ROW_PROGRAMS)
+    programs = rows if ROW_PROGRAMS is None else max(1, min(rows, ROW_PROGRAMS))
     kernels.kd_rows_kernel[(programs,)](
         student, student.stride(0),
         teacher if teacher is not None else unused, teacher.stride(0) if teacher is not None else 0,
