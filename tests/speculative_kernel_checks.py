@@ -5,6 +5,7 @@ reference's outputs exactly. Cases are built so that float32-vs-float64 rounding
 argmax: logits are wide normals, and ties only arise from exact input ties (smallest id wins on
 every backend).
 """
+import numpy as np
 import torch
 
 from collab_ops.ops.speculative import speculative_verify
@@ -69,6 +70,15 @@ def _reference_argmax(targets, weights, inputs):
     if weights is None:
         weights = torch.ones(batch, 1)
     return reference.fused_target_probs(targets, weights, inputs == "logits", 1.0).argmax(-1)
+
+
+def near_tie_target(temperature):
+    """[1, 1, 3] float32 logits whose first two differ by one ulp yet tie once multiplied by 1/T in
+    float32: a greedy argmax taken after scaling would pick id 0, the true one is id 1."""
+    scale = np.float32(1 / temperature)
+    candidates = np.float32(3.0) + np.float32(2**-22) * np.arange(1000, dtype=np.float32)
+    low = next(x for x in candidates if np.float32(x * scale) == np.float32(np.nextafter(x, np.float32(9)) * scale))
+    return torch.tensor([[[low, np.nextafter(low, np.float32(9)), 0.0]]], dtype=torch.float32)
 
 
 def to_device(case, device):

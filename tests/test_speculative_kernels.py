@@ -11,6 +11,7 @@ from speculative_kernel_checks import (
     assert_same_as_reference,
     check_invalid_rows_match_reference,
     greedy_case,
+    near_tie_target,
 )
 
 needs_cpu_kernel = pytest.mark.skipif(
@@ -111,6 +112,16 @@ def _opcheck_samples():
 def test_speculative_verify_opcheck(index):
     args = list(_opcheck_samples())[index]
     torch.library.opcheck(torch.ops.collab_ops.speculative_verify.default, args)
+
+
+def test_compiled_op_ignores_the_temperature_in_greedy_mode():
+    # The wrapper passes T = 1 in greedy mode; a direct call of the op with another T must not
+    # scale either (l * (1/T) would round this near-tie into a tie that id 0 wins).
+    target = near_tie_target(0.7)
+    tokens = torch.zeros(1, 0, dtype=torch.int64)
+    op = torch.ops.collab_ops.speculative_verify
+    result = op(tokens, [target], torch.ones(1, 1), None, torch.tensor(0), True, 0.7, True, torch.tensor(0))
+    assert result[0].tolist() == [[1]]
 
 
 def test_compiled_op_rejects_bad_arguments_with_clear_errors():

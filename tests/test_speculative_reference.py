@@ -13,6 +13,7 @@ from scipy.special import log_softmax
 from collab_ops.ops.speculative import speculative_verify
 from collab_ops.reference import speculative as reference
 from backends import cpu_backends
+from speculative_kernel_checks import near_tie_target
 
 BACKENDS = cpu_backends("speculative_verify")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -302,11 +303,7 @@ def test_greedy_argmax_ignores_the_temperature(backend, weights):
     # it is the argmax of sum w_k l_k), so a near-tie that l * (1/T) rounds to a tie in float32
     # must still go to the larger logit.
     temperature = 0.7
-    scale = np.float32(1 / temperature)
-    candidates = np.float32(3.0) + np.float32(2**-22) * np.arange(1000, dtype=np.float32)
-    low = next(x for x in candidates if np.float32(x * scale) == np.float32(np.nextafter(x, np.float32(9)) * scale))
-    high = np.nextafter(low, np.float32(9))
-    target = torch.tensor([[[low, high, 0.0]]], dtype=torch.float32)
+    target = near_tie_target(temperature)
     targets = [target, torch.zeros_like(target)][: len(weights)]
     tokens, _ = speculative_verify(torch.zeros(1, 0, dtype=torch.int64), targets, inputs="logits", target_weights=weights,
                                    temperature=temperature, mode="greedy", backend=backend)

@@ -277,8 +277,8 @@ def speculative_generate(
         seed: used in sampling only (greedy decoding checks it and draws nothing). None (draws
             from torch's default generator, so `torch.manual_seed` makes a call repeatable), an
             int (spread over the rows), or an int64 tensor [B] of per-row seeds on the models'
-            device. Row b's random numbers come from its row seed and
-            the round alone, so the same seed gives the same output (on the same backend).
+            device. Row b's random numbers come from its row seed and the round alone, so the
+            same seed gives the same output (on the same backend).
         target_weights: one weight per target model (floats, a tensor [T], or per-row [B, T]);
             required for several targets.
         eos_token_id: an id or a list of ids that end a row; None takes the first target's

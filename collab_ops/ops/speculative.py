@@ -21,7 +21,8 @@ Canonical implementation signature, registered with
                        that many drafts (no device tensor to build). Values are unchecked and may
                        lie outside [0, K].
     inputs_are_logits  bool: softmax(x / temperature) per model, else probabilities.
-    temperature        float > 0; exactly 1.0 when inputs are probabilities.
+    temperature        float > 0; exactly 1.0 when inputs are probabilities and in greedy mode
+                       (T > 0 moves no argmax; the compiled op also ignores it there).
     greedy             bool.
     seed               int64: [B] contiguous per-row seeds, or a 0-dim base seed (on the device,
                        or on the CPU: read on the host) from which row b's seed is
@@ -131,6 +132,8 @@ def speculative_verify(
         raise ValueError(
             f"temperature={temperature} applies to inputs='logits' only; pass temperature=1.0 with probabilities"
         )
+    if greedy:
+        temperature = 1.0  # canonical: dividing by T would only round near-ties differently
     check_bool("strict", strict)
     check_bool("return_accepted", return_accepted)
 

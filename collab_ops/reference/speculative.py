@@ -28,8 +28,8 @@ Sample mode (Leviathan et al. 2023; Chen et al. 2023), for a row using n = num_d
   p_j. If all n drafts are accepted the stop position is n: emit a sample of p_n, the bonus token.
   With a one-hot q the residual is p_j with x_j removed, renormalised.
 Greedy mode: accept x_i while x_i == argmax p_i (ties go to the smallest id); then emit argmax p_j.
-The temperature is ignored there (p at T = 1): T > 0 moves no argmax nor any row's validity, and
-dividing by an extreme T could round distinct logits into a tie.
+The temperature is 1 there (the public wrapper passes 1.0): T > 0 moves no argmax nor any row's
+validity, and dividing by an extreme T could round distinct logits into a tie.
 
 Random numbers (sample mode): the row seeds are seed[b] (per-row seeds) or base + b · ROW_SEED_STRIDE
 (mod 2^64) for one base seed. Row b seeds a CPU `torch.Generator` with its seed folded to 32 bits
@@ -280,7 +280,6 @@ def speculative_verify(
     device = draft_tokens.device
     rows = torch.arange(batch, device=device)
     counts = row_counts(num_draft_tokens, batch, device)
-    temperature = 1.0 if greedy else temperature  # greedy ignores T (module docstring)
 
     target_distribution = target_probs(targets, target_weights, inputs_are_logits, temperature)
     q = None if greedy else draft_probs(draft, draft_tokens, vocab_size, inputs_are_logits, temperature)
@@ -353,7 +352,6 @@ def possible_invalid_row_reasons(
     """Every reason each row may be invalid for, whatever its stop position: what explains a
     backend's verdict, which came from its own random numbers. Takes the canonical arguments."""
     del seed  # the stop positions are left open
-    temperature = 1.0 if greedy else temperature  # greedy ignores T (module docstring)
     batch = draft_tokens.shape[0]
     vocab_size = targets[0].shape[-1]
     device = draft_tokens.device
